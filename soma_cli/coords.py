@@ -1,0 +1,374 @@
+"""The one module that owns every coordinate convention of SOMA.
+
+Nothing else in the package defines how pixels, normalised coordinates, map coordinates, affine
+transforms or flows relate; everything goes through the functions here.
+
+Conventions
+-----------
+Pixel coordinates
+    Pixel ``(c, r)`` (column ``c``, row ``r``, 0-based) has its **centre** at the continuous point
+    ``(x=c, y=r)``; its footprint is ``[c-0.5, c+0.5] x [r-0.5, r+0.5]``.  (GDAL/rasterio "image
+    coordinates" put the *corner* of pixel (0, 0) at (0, 0), i.e. the centre of (c, r) at
+    ``(c+0.5, r+0.5)``: see :func:`pixel_to_map` / :func:`map_to_pixel`.)
+
+Normalised coordinates
+    What ``torch.nn.functional.grid_sample(..., align_corners=False)`` expects:
+    ``xn = (2*c + 1) / W - 1``, so -1 and +1 are the outer *edges* of the image, not pixel centres.
+    Every ``grid_sample``/``interpolate`` call of the package uses ``align_corners=False``.
+
+Flow (displacement field)
+    Array/tensor ``(..., 2, H, W)`` on a reference grid. Channel 0 is ``dx`` (along columns),
+    channel 1 is ``dy`` (along rows), in pixels of that grid.  Reference pixel ``(c, r)`` matches
+    the moving image (already on the reference grid) at ``(c + dx, r + dy)``.  Warping the moving
+    image by the flow, ``warped(c, r) = moving(c + dx, r + dy)``, aligns it to the reference.
+
+Pyramid levels
+    A map at stride ``s`` (made by ``s x s`` average pooling or ``interpolate(align_corners=False)``)
+    has level pixel ``cs`` centred on full-resolution ``c = s*cs + (s-1)/2``.  Displacements scale by
+    ``s``: ``flow_full = s * flow_level`` (see :func:`upsample_flow`, :func:`downsample_flow`).
+
+Affine transforms
+    A 2x3 matrix ``A`` (or 3x3 with last row ``[0, 0, 1]``) maps a reference pixel ``(c, r, 1)`` to
+    the matching moving pixel ``(c', r')``; its flow is ``A @ p - p``.  ``compose_affine(A, B)`` is
+    "B first, then A": the total match when the moving image was already warped by ``A`` and the
+    residual match is ``B``.
+
+The torch functions here are TorchScript-compatible (they are compiled into the exported model).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from affine import Affine
+from scipy import ndimage
+
+# ----------------------------------------------------------------------------- pixel <-> normalised
+
+
+def pixel_to_norm(c, size: int):
+    """Pixel-centre coordinate -> normalised ``align_corners=False`` coordinate (numpy or torch)."""
+    return (2.0 * c + 1.0) / size - 1.0
+
+
+def norm_to_pixel(n, size: int):
+    """Normalised ``align_corners=False`` coordinate -> pixel-centre coordinate (numpy or torch)."""
+    return ((n + 1.0) * size - 1.0) / 2.0
+
+
+# ----------------------------------------------------------------------------- pixel <-> map
+
+
+def pixel_to_map(transform: Affine, cols, rows):
+    """Map coordinates of pixel centres ``(cols, rows)`` under a rasterio/GDAL geotransform."""
+    cols = np.asarray(cols, dtype=np.float64) + 0.5
+    rows = np.asarray(rows, dtype=np.float64) + 0.5
+    x = transform.a * cols + transform.b * rows + transform.c
+    y = transform.d * cols + transform.e * rows + transform.f
+    return x, y
+
+
+def map_to_pixel(transform: Affine, xs, ys):
+    """Inverse of :func:`pixel_to_map`: continuous pixel-centre coordinates of map points."""
+    inv = ~transform
+    xs = np.asarray(xs, dtype=np.float64)
+    ys = np.asarray(ys, dtype=np.float64)
+    c = inv.a * xs + inv.b * ys + inv.c - 0.5
+    r = inv.d * xs + inv.e * ys + inv.f - 0.5
+    return c, r
+
+
+# ----------------------------------------------------------------------------- numpy grids and warps
+
+
+def base_grid_np(h: int, w: int, dtype=np.float32) -> np.ndarray:
+    """``(2, h, w)`` array of pixel-centre coordinates: ``[0]`` = column x, ``[1]`` = row y."""
+    ys, xs = np.meshgrid(np.arange(h, dtype=dtype), np.arange(w, dtype=dtype), indexing="ij")
+    return np.stack([xs, ys])
+
+
+def warp_np(
+    image: np.ndarray, flow: np.ndarray, order: int = 1, cval: float = np.nan, edge: bool = False
+) -> np.ndarray:
+    """Sample ``image`` at ``q + flow(q)``: ``out[..., r, c] = image[..., r + dy, c + dx]``.
+
+    ``image`` is ``(H, W)`` or ``(C, H, W)``; ``flow`` is ``(2, H', W')`` (the output grid).
+    Points outside the image get ``cval`` (or the nearest edge value with ``edge=True``).  ``order`` is the spline order (0 nearest, 1 bilinear,
+    3 cubic).
+    """
+    flow = np.asarray(flow)
+    h, w = flow.shape[-2:]
+    grid = base_grid_np(h, w, np.float64)
+    coords = np.stack([grid[1] + flow[1], grid[0] + flow[0]])  # (row, col) for scipy
+    img = np.asarray(image)
+    squeeze = img.ndim == 2
+    if squeeze:
+        img = img[None]
+    out_dtype = np.result_type(img.dtype, np.float32)
+    out = np.empty((img.shape[0], h, w), dtype=out_dtype)
+    for i in range(img.shape[0]):
+        ndimage.map_coordinates(
+            img[i].astype(np.float64, copy=False), coords, output=out[i], order=order,
+            mode="nearest" if edge else "constant", cval=cval, prefilter=order > 1,
+        )
+    return out[0] if squeeze else out
+
+
+def inside_mask_np(flow: np.ndarray, src_h: int, src_w: int) -> np.ndarray:
+    """Boolean ``(H, W)``: where ``q + flow(q)`` lies inside a ``src_h x src_w`` image (centres)."""
+    h, w = flow.shape[-2:]
+    grid = base_grid_np(h, w, np.float64)
+    x = grid[0] + flow[0]
+    y = grid[1] + flow[1]
+    return (x >= 0) & (x <= src_w - 1) & (y >= 0) & (y <= src_h - 1)
+
+
+def compose_flow_np(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Total flow when the moving image was warped by ``first`` and ``second`` is the residual.
+
+    ``total(q) = second(q) + first(q + second(q))``.
+    """
+    sampled = warp_np(first, second, order=1, edge=True)  # beyond the field: nearest edge value
+    return (second + sampled).astype(np.float32)
+
+
+def invert_flow_np(flow: np.ndarray, iters: int = 20) -> np.ndarray:
+    """Inverse field ``g`` with ``g(q + f(q)) = -f(q)``, by fixed-point ``g(p) = -f(p + g(p))``."""
+    f = np.asarray(flow, dtype=np.float32)
+    g = -f.copy()
+    for _ in range(iters):
+        g = -warp_np(f, g, order=1, edge=True)
+    return g.astype(np.float32)
+
+
+def upsample_flow_np(flow: np.ndarray, factor: int, out_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Upsample a level flow by an integer stride ``factor`` to full-resolution pixels (numpy)."""
+    h, w = flow.shape[-2:]
+    oh, ow = out_hw if out_hw is not None else (h * factor, w * factor)
+    rows = (np.arange(oh, dtype=np.float64) - (factor - 1) / 2.0) / factor
+    cols = (np.arange(ow, dtype=np.float64) - (factor - 1) / 2.0) / factor
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    out = np.stack([
+        ndimage.map_coordinates(flow[i].astype(np.float64), [rr, cc], order=1, mode="nearest")
+        for i in range(2)
+    ])
+    return (out * factor).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- affine (numpy)
+
+
+def to3x3(a: np.ndarray) -> np.ndarray:
+    """2x3 or 3x3 affine -> 3x3 float64."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.shape == (3, 3):
+        return a
+    out = np.eye(3)
+    out[:2] = a.reshape(2, 3)
+    return out
+
+
+def compose_affine_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``b`` first, then ``a`` (both in the same pixel grid); returns 2x3."""
+    return (to3x3(a) @ to3x3(b))[:2]
+
+
+def affine_to_flow_np(a: np.ndarray, h: int, w: int, col0: float = 0.0, row0: float = 0.0) -> np.ndarray:
+    """Flow ``(2, h, w)`` of an affine given in a grid whose origin is ``(col0, row0)`` away.
+
+    ``col0``/``row0`` let a tile at window offset (col0, row0) evaluate a scene-level affine.
+    """
+    m = to3x3(a)
+    grid = base_grid_np(h, w, np.float64)
+    x = grid[0] + col0
+    y = grid[1] + row0
+    fx = m[0, 0] * x + m[0, 1] * y + m[0, 2] - x
+    fy = m[1, 0] * x + m[1, 1] * y + m[1, 2] - y
+    return np.stack([fx, fy]).astype(np.float32)
+
+
+def scale_affine_np(a: np.ndarray, stride: float) -> np.ndarray:
+    """Full-resolution pixel affine -> the same affine in stride-``stride`` level pixels."""
+    o = (stride - 1.0) / 2.0
+    s = np.array([[stride, 0.0, o], [0.0, stride, o], [0.0, 0.0, 1.0]])
+    return (np.linalg.inv(s) @ to3x3(a) @ s)[:2]
+
+
+def fit_affine_np(
+    flow: np.ndarray,
+    weight: Optional[np.ndarray] = None,
+    step: int = 4,
+    iters: int = 6,
+    col0: float = 0.0,
+    row0: float = 0.0,
+) -> Tuple[np.ndarray, dict]:
+    """Robust (IRLS, Tukey) weighted least-squares affine fit to a flow field.
+
+    Returns the 2x3 affine (pixel convention above, in a grid offset by ``col0, row0``) and a dict
+    with ``rmse`` (weighted residual, px), ``inliers`` (share of weight kept) and ``n``.
+    """
+    f = np.asarray(flow, dtype=np.float64)[:, ::step, ::step]
+    h, w = f.shape[1:]
+    grid = base_grid_np(h, w, np.float64) * step
+    x = (grid[0] + col0).ravel()
+    y = (grid[1] + row0).ravel()
+    u = x + f[0].ravel()
+    v = y + f[1].ravel()
+    wt = np.ones_like(x) if weight is None else np.asarray(weight, np.float64)[::step, ::step].ravel()
+    ok = np.isfinite(u) & np.isfinite(v) & np.isfinite(wt) & (wt > 0)
+    if ok.sum() < 6:
+        return np.array([[1.0, 0, 0], [0, 1.0, 0]]), {"rmse": float("nan"), "inliers": 0.0, "n": int(ok.sum())}
+    x, y, u, v, wt = x[ok], y[ok], u[ok], v[ok], wt[ok]
+    cx, cy = x.mean(), y.mean()  # centre for conditioning
+    design = np.stack([x - cx, y - cy, np.ones_like(x)], axis=1)
+    rw = np.ones_like(x)
+    for _ in range(iters):
+        ww = wt * rw
+        sw = np.sqrt(ww)[:, None]
+        px, *_ = np.linalg.lstsq(design * sw, u * sw[:, 0], rcond=None)
+        py, *_ = np.linalg.lstsq(design * sw, v * sw[:, 0], rcond=None)
+        res = np.hypot(design @ px - u, design @ py - v)
+        scale = max(1.4826 * np.median(res[ww > 0]) if (ww > 0).any() else 1.0, 0.25)
+        c = 4.685 * scale
+        rw = np.where(res < c, (1 - (res / c) ** 2) ** 2, 0.0)
+    a = np.array([[px[0], px[1], px[2] - px[0] * cx - px[1] * cy],
+                  [py[0], py[1], py[2] - py[0] * cx - py[1] * cy]])
+    ww = wt * rw
+    rmse = float(np.sqrt(np.sum(ww * res**2) / max(ww.sum(), 1e-12)))
+    return a, {"rmse": rmse, "inliers": float(ww.sum() / max(wt.sum(), 1e-12)), "n": int(ok.sum())}
+
+
+def corrected_transform(ref_transform: Affine, a: np.ndarray, mov_transform: Affine) -> Affine:
+    """New geotransform for the moving raster after a fitted match ``a`` (reference-pixel affine).
+
+    The content at reference pixel ``p`` sits, under the moving raster's current georeferencing,
+    at reference pixel ``a(p)``.  The map correction ``C = T_ref o (a^-1) o T_ref^-1`` (pixel-centre
+    convention) moves it back; the moving raster keeps its pixels and gets ``C o T_mov``.  Valid when
+    both rasters share a CRS.
+    """
+    tr = to3x3(np.array(ref_transform).reshape(3, 3))
+    half = np.array([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1.0]])
+    p2m = tr @ half  # pixel centre -> map
+    corr = p2m @ np.linalg.inv(to3x3(a)) @ np.linalg.inv(p2m)
+    new = corr @ np.array(mov_transform).reshape(3, 3)
+    return Affine(*new[:2].ravel())
+
+
+# ----------------------------------------------------------------------------- torch (TorchScript-safe)
+
+
+def base_grid(b: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(b, 2, h, w)`` pixel-centre coordinates, channel 0 = x (column), 1 = y (row)."""
+    ys = torch.arange(h, device=device, dtype=dtype).view(1, h, 1).expand(1, h, w)
+    xs = torch.arange(w, device=device, dtype=dtype).view(1, 1, w).expand(1, h, w)
+    return torch.cat([xs, ys], 0).unsqueeze(0).expand(b, 2, h, w)
+
+
+def flow_to_grid(flow: torch.Tensor, src_h: int, src_w: int) -> torch.Tensor:
+    """Flow ``(B, 2, H, W)`` -> ``grid_sample`` grid ``(B, H, W, 2)`` into a ``src_h x src_w`` image.
+
+    The flow lives on an ``H x W`` grid whose pixels coincide with the source's (same stride).
+    """
+    b, _, h, w = flow.shape
+    pos = base_grid(b, h, w, flow.device, flow.dtype) + flow
+    gx = (2.0 * pos[:, 0] + 1.0) / src_w - 1.0
+    gy = (2.0 * pos[:, 1] + 1.0) / src_h - 1.0
+    return torch.stack([gx, gy], dim=-1)
+
+
+def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """``out(q) = image(q + flow(q))`` with zeros outside; image ``(B, C, Hs, Ws)``, flow ``(B, 2, H, W)``."""
+    grid = flow_to_grid(flow, image.shape[-2], image.shape[-1])
+    return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def inside_mask(flow: torch.Tensor, src_h: int, src_w: int) -> torch.Tensor:
+    """``(B, 1, H, W)`` float mask: 1 where ``q + flow(q)`` falls inside the source (pixel centres)."""
+    b, _, h, w = flow.shape
+    pos = base_grid(b, h, w, flow.device, flow.dtype) + flow
+    ok = (pos[:, 0] >= 0) & (pos[:, 0] <= src_w - 1) & (pos[:, 1] >= 0) & (pos[:, 1] <= src_h - 1)
+    return ok.unsqueeze(1).to(flow.dtype)
+
+
+def upsample_flow(flow: torch.Tensor, factor: int) -> torch.Tensor:
+    """Level flow -> ``factor`` times finer level: bilinear (align_corners=False) and scaled."""
+    up = F.interpolate(flow, scale_factor=float(factor), mode="bilinear", align_corners=False)
+    return up * float(factor)
+
+
+def resize_flow(flow: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Resample a flow to an ``h x w`` grid covering the same extent, rescaling each component."""
+    sy = float(h) / float(flow.shape[-2])
+    sx = float(w) / float(flow.shape[-1])
+    up = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
+    return torch.cat([up[:, 0:1] * sx, up[:, 1:2] * sy], 1)
+
+
+def downsample_flow(flow: torch.Tensor, factor: int) -> torch.Tensor:
+    """Full flow -> stride-``factor`` level flow (block average, divided by ``factor``)."""
+    return F.avg_pool2d(flow, factor) / float(factor)
+
+
+def affine_to_flow(a: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Affines ``(B, 2, 3)`` in this grid's pixels -> flows ``(B, 2, h, w)``."""
+    b = a.shape[0]
+    g = base_grid(b, h, w, a.device, a.dtype)
+    x = g[:, 0]
+    y = g[:, 1]
+    fx = a[:, 0, 0].view(b, 1, 1) * x + a[:, 0, 1].view(b, 1, 1) * y + a[:, 0, 2].view(b, 1, 1) - x
+    fy = a[:, 1, 0].view(b, 1, 1) * x + a[:, 1, 1].view(b, 1, 1) * y + a[:, 1, 2].view(b, 1, 1) - y
+    return torch.stack([fx, fy], 1)
+
+
+def scale_affine(a: torch.Tensor, stride: float) -> torch.Tensor:
+    """Affines ``(B, 2, 3)`` in full-resolution pixels -> the same in stride-``stride`` pixels.
+
+    Pass ``1/stride`` to go the other way (level -> full resolution).
+    """
+    o = (stride - 1.0) / 2.0
+    lin = a[:, :, :2]
+    t = a[:, :, 2]
+    # A_s(p) = (A(s p + o) - o) / s  =  lin p + (lin @ [o, o] + t - o) / s
+    oo = torch.full_like(t, o)
+    t_s = (torch.bmm(lin, oo.unsqueeze(-1)).squeeze(-1) + t - oo) / stride
+    return torch.cat([lin, t_s.unsqueeze(-1)], -1)
+
+
+def compose_affine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``b`` first, then ``a``: ``(B, 2, 3)`` x ``(B, 2, 3)`` -> ``(B, 2, 3)``."""
+    lin = torch.bmm(a[:, :, :2], b[:, :, :2])
+    t = torch.bmm(a[:, :, :2], b[:, :, 2:]).squeeze(-1) + a[:, :, 2]
+    return torch.cat([lin, t.unsqueeze(-1)], -1)
+
+
+def identity_affine(b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(b, 2, 3)`` identity affines."""
+    eye = torch.zeros(b, 2, 3, device=device, dtype=dtype)
+    eye[:, 0, 0] = 1.0
+    eye[:, 1, 1] = 1.0
+    return eye
+
+
+def fit_affine(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted least-squares affine from ``points (B, N, 2)`` to ``targets (B, N, 2)``.
+
+    ``weights (B, N)`` >= 0.  Returns ``(B, 2, 3)``.  Points are centred for conditioning and a small
+    ridge pulls the linear part towards the identity, so degenerate weights give a translation.
+    """
+    w = weights.clamp(min=0.0) + 1e-8
+    wsum = w.sum(1, keepdim=True)
+    cp = (points * w.unsqueeze(-1)).sum(1, keepdim=True) / wsum.unsqueeze(-1)
+    ct = (targets * w.unsqueeze(-1)).sum(1, keepdim=True) / wsum.unsqueeze(-1)
+    p = points - cp
+    t = targets - ct
+    pw = p * w.unsqueeze(-1)
+    cov = torch.bmm(pw.transpose(1, 2), p)  # (B, 2, 2)
+    cross = torch.bmm(pw.transpose(1, 2), t)  # (B, 2, 2)
+    ridge = 1e-3 * wsum.view(-1, 1, 1) * torch.eye(2, device=points.device, dtype=points.dtype).unsqueeze(0)
+    lin_t = torch.linalg.solve(cov + ridge, cross + ridge)  # (B, 2, 2) = lin^T
+    lin = lin_t.transpose(1, 2)
+    trans = ct.squeeze(1) - torch.bmm(lin, cp.transpose(1, 2)).squeeze(-1)
+    return torch.cat([lin, trans.unsqueeze(-1)], -1)

@@ -1,0 +1,45 @@
+"""One error hierarchy for the whole library.
+
+Every error a user can trigger with bad input is a :class:`SomaError`; the CLI turns it into a
+one-line message and a non-zero exit code. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SomaError(Exception):
+    """Base class of every expected, user-facing error."""
+
+    exit_code = 2
+
+
+class InputError(SomaError):
+    """An input file is missing, unreadable, or not a usable raster."""
+
+
+class GeoreferenceError(InputError):
+    """Inputs lack a CRS/transform, or do not overlap."""
+
+
+class BandError(InputError):
+    """The band selection does not fit the raster."""
+
+
+class DataError(SomaError):
+    """A dataset directory (evaluate/train) is malformed."""
+
+
+class OutputError(SomaError):
+    """The output cannot be written (exists without --overwrite, missing folder, ...)."""
+
+
+class WeightsError(SomaError):
+    """A weights file is missing, corrupt, or does not match its metadata."""
+
+
+class ConfigError(SomaError):
+    """An option value is invalid."""
+
+
+class MatchError(SomaError):
+    """Matching failed (for example no valid pixels in the overlap)."""

@@ -1,0 +1,69 @@
+"""Matchers: what turns a pair of preprocessed tiles into a flow.
+
+The contract (RoMa-style: images in, warp and certainty out)::
+
+    flow, certainty = matcher.match(opt, sar, opt_valid, sar_valid)
+
+    opt, sar          float32 (B, H, W), standardised by model.preprocess.standardise; the SAR tile is
+                      already resampled onto the optical tile's grid (same H, W) but misaligned.
+    opt_valid, ...    bool (B, H, W) or None.
+    flow              float32 (B, 2, H, W) on the OPTICAL grid, coords.py convention: optical pixel
+                      (c, r) matches the SAR tile at (c + dx, r + dy).
+    certainty         float32 (B, H, W) in [0, 1].
+
+Matchers are built by :func:`get_matcher` from a name (``gradient``, ``soma``, ``identity``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Tuple
+
+import numpy as np
+
+
+class Matcher(Protocol):
+    name: str
+
+    def match(
+        self,
+        opt: np.ndarray,
+        sar: np.ndarray,
+        opt_valid: Optional[np.ndarray] = None,
+        sar_valid: Optional[np.ndarray] = None,
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        ...
+
+
+class IdentityMatcher:
+    """No correction: zero flow, full certainty (the evaluate baseline)."""
+
+    name = "identity"
+
+    def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        b, h, w = np.asarray(opt).shape
+        return np.zeros((b, 2, h, w), np.float32), np.ones((b, h, w), np.float32)
+
+
+MATCHERS = ("soma", "gradient", "identity", "gefolki")
+
+
+def get_matcher(name: str, **options) -> Matcher:
+    """Build a matcher by name. Options: ``weights``, ``device``, ``batch_size`` (ignored where
+    they do not apply)."""
+    from ..errors import ConfigError
+
+    if name == "identity":
+        return IdentityMatcher()
+    if name == "gradient":
+        from .gradient import GradientMatcher
+
+        return GradientMatcher()
+    if name == "soma":
+        from .soma import SomaMatcher
+
+        return SomaMatcher(weights=options.get("weights"), device=options.get("device", "auto"))
+    if name == "gefolki":
+        from .gefolki import GefolkiMatcher
+
+        return GefolkiMatcher()
+    raise ConfigError(f"unknown method {name!r}; expected one of {', '.join(MATCHERS)}")

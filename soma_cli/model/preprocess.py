@@ -1,0 +1,86 @@
+"""Input preprocessing shared by every matcher and by training (numpy only).
+
+SAR: brought to a log (dB-like) domain whatever it arrives in, so that amplitude, intensity, dB and
+8-bit scaled products look alike after per-tile normalisation.  Optical: the selected bands are
+averaged into one luminance-like channel.  Each tile is then standardised robustly (median and
+inter-quartile range over valid pixels), clipped to +-5, and invalid pixels are set to 0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import BandError, ConfigError
+
+SAR_KINDS = ("auto", "db", "amplitude", "intensity")
+
+#: Description stored with the weights (torchgeo-style: the weights carry their preprocessing).
+PREPROCESSING = {
+    "sar": "log10(x + 0.01*median(x>0)) for linear data, unchanged for dB; tile-robust standardise",
+    "optical": "mean of selected bands; tile-robust standardise",
+    "standardise": "(x - median) / (IQR/1.349), clip +-5, invalid -> 0",
+}
+
+
+def sar_to_log(sar: np.ndarray, kind: str = "auto", valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """Convert a SAR band (H, W) to a log domain. ``kind``: auto, db, amplitude, intensity."""
+    if kind not in SAR_KINDS:
+        raise ConfigError(f"unknown SAR scale {kind!r}; expected one of {', '.join(SAR_KINDS)}")
+    x = np.asarray(sar, dtype=np.float32)
+    ok = np.isfinite(x) if valid is None else (valid & np.isfinite(x))
+    if kind == "auto":
+        if np.issubdtype(np.asarray(sar).dtype, np.floating) and ok.any() and np.nanmin(np.where(ok, x, 0)) < 0:
+            kind = "db"
+        else:
+            kind = "amplitude"
+    if kind == "db":
+        return np.where(ok, x, 0).astype(np.float32)
+    pos = x[ok & (x > 0)]
+    eps = 0.01 * float(np.median(pos)) if pos.size else 1.0
+    out = np.log10(np.maximum(np.where(ok, x, 0), 0) + eps)
+    return out.astype(np.float32)
+
+
+def select_bands(optical: np.ndarray, bands: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Pick 1-based ``bands`` from ``(C, H, W)``; default: 13-band Sentinel-2 -> B4,B3,B2 (4,3,2),
+    3 or 4 bands -> the first three, otherwise all."""
+    arr = np.asarray(optical)
+    if arr.ndim == 2:
+        arr = arr[None]
+    n = arr.shape[0]
+    if bands is None:
+        if n >= 13:
+            bands = (4, 3, 2)
+        elif n in (3, 4):
+            bands = (1, 2, 3)
+        else:
+            bands = tuple(range(1, n + 1))
+    bad = [b for b in bands if not 1 <= int(b) <= n]
+    if bad:
+        raise BandError(f"band(s) {bad} out of range: the optical image has {n} band(s)")
+    return arr[[int(b) - 1 for b in bands]]
+
+
+def optical_to_gray(optical: np.ndarray) -> np.ndarray:
+    """Average (C, H, W) selected bands into one float32 channel (H, W)."""
+    arr = np.asarray(optical, dtype=np.float32)
+    if arr.ndim == 2:
+        return arr
+    return arr.mean(axis=0)
+
+
+def standardise(x: np.ndarray, valid: Optional[np.ndarray] = None) -> np.ndarray:
+    """Robust per-tile standardisation; invalid pixels -> 0. Works on (H, W)."""
+    x = np.asarray(x, dtype=np.float32)
+    ok = np.isfinite(x) if valid is None else (valid & np.isfinite(x))
+    if ok.sum() < 16:
+        return np.zeros_like(x, dtype=np.float32)
+    v = x[ok]
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    scale = (q3 - q1) / 1.349
+    if not np.isfinite(scale) or scale < 1e-6:
+        scale = float(v.std()) or 1.0
+    out = np.clip((x - med) / scale, -5, 5)
+    return np.where(ok, out, 0).astype(np.float32)
