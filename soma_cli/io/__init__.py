@@ -1,0 +1,1 @@
+"""Raster input/output (rasterio only)."""
