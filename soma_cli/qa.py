@@ -1,0 +1,433 @@
+"""Quality-assurance products of a registration run (``soma register --qa-out DIR``).
+
+Two entry points, both numpy + matplotlib (Agg backend, no display needed):
+
+* :func:`tile_scores` scores one tile: median flow, mean certainty, and a similarity score before
+  and after correction. The similarity is the normalised cross-correlation (NCC, in [-1, 1]) of the
+  Gaussian-smoothed (sigma 1.5 px) *gradient magnitudes* of the reference and the moving image over the valid pixels: SAR and
+  optical intensities are not comparable, their edges are. A correct registration should raise it.
+* :func:`write_products` writes the scene-level pictures and tables into a QA folder and returns
+  the summary dict (also written as ``summary.json``).
+
+Outlier tiles (``outlier`` column of ``tiles.csv``; decided in :func:`write_products`, where the
+scene median is known). A tile with scores is an outlier when either
+
+* ``degraded``: its similarity after correction is lower than before by more than
+  :data:`DEGRADE_TOL` (the correction made the tile worse), or
+* ``flow_deviates``: its median flow vector is further from the scene median flow vector than
+  ``max(FLOW_DEV_MIN_PX, FLOW_DEV_K * robust sigma)``, the robust sigma being
+  ``1.4826 * MAD`` of the tiles' distances to the scene median.
+
+Tiles with fewer than :data:`MIN_VALID` valid pixels get no scores (NaN, ``null`` in JSON) and
+are never outliers.
+
+Every file is written atomically: a temporary file in the same folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import OutputError
+
+DEGRADE_TOL = 0.02
+FLOW_DEV_MIN_PX = 2.0
+FLOW_DEV_K = 3.0
+MIN_VALID = 64
+GRAD_SIGMA = 1.5  # px, Gaussian derivative scale of the similarity score
+CERTAIN = 0.5  # certainty threshold for "certainty coverage"
+
+TILE_FIELDS = (
+    "row_off", "col_off", "height", "width", "valid_fraction", "median_dx", "median_dy", "median_flow",
+    "mean_certainty", "similarity_before", "similarity_after", "degraded", "flow_deviation",
+    "outlier", "outlier_reason",
+)
+
+PRODUCTS = (
+    "checkerboard_before.png", "checkerboard_after.png", "flow.png", "certainty.png", "flow_hist.png",
+    "tiles.csv", "tiles.json", "summary.json",
+)
+
+# ----------------------------------------------------------------------------- scores
+
+
+def _gradient_magnitude(img: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian gradient magnitude (sigma :data:`GRAD_SIGMA`, damps speckle) and the pixels whose
+    neighbourhood is valid."""
+    x = np.asarray(img, dtype=np.float64)
+    fill = float(np.mean(x[valid])) if valid.any() else 0.0
+    x = np.where(valid, x, fill)
+    g = ndimage.gaussian_gradient_magnitude(x, GRAD_SIGMA, mode="nearest")
+    inner = ndimage.binary_erosion(valid, structure=np.ones((3, 3), bool), iterations=3, border_value=1)
+    return g, inner
+
+
+def gradient_ncc(a: np.ndarray, b: np.ndarray, valid: Optional[np.ndarray] = None) -> float:
+    """NCC of the gradient magnitudes of ``a`` and ``b`` over ``valid`` (and finite) pixels.
+
+    NaN when fewer than :data:`MIN_VALID` pixels are usable or a side is constant.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if valid is not None:
+        ok &= np.asarray(valid, bool)
+    if ok.sum() < MIN_VALID:
+        return float("nan")
+    ga, ia = _gradient_magnitude(a, ok)
+    gb, ib = _gradient_magnitude(b, ok)
+    m = ia & ib
+    if m.sum() < MIN_VALID:
+        return float("nan")
+    u = ga[m] - ga[m].mean()
+    v = gb[m] - gb[m].mean()
+    den = math.sqrt(float(np.sum(u * u)) * float(np.sum(v * v)))
+    if den <= 1e-12:
+        return float("nan")
+    return float(np.sum(u * v) / den)
+
+
+def tile_scores(
+    ref: np.ndarray,
+    mov_before: np.ndarray,
+    mov_after: np.ndarray,
+    flow: np.ndarray,
+    certainty: np.ndarray,
+    valid: Optional[np.ndarray] = None,
+) -> Dict[str, object]:
+    """Scores of one tile (all arrays on the reference grid, float32; NaN = nodata).
+
+    ``flow`` is ``(2, H, W)`` (dx, dy in reference pixels), ``certainty`` ``(H, W)`` in [0, 1],
+    ``valid`` an optional bool ``(H, W)`` mask of pixels where both images have data.
+    Returns ``valid_fraction``, ``median_dx``, ``median_dy``, ``median_flow`` (median of |flow|),
+    ``mean_certainty``, ``similarity_before``, ``similarity_after`` (gradient NCC) and
+    ``degraded`` (similarity after < before - DEGRADE_TOL). The caller adds the tile window.
+    """
+    ref = np.asarray(ref, np.float32)
+    flow = np.asarray(flow, np.float32)
+    certainty = np.asarray(certainty, np.float32)
+    if flow.shape != (2,) + ref.shape or certainty.shape != ref.shape:
+        raise ValueError(f"tile_scores: shapes differ (ref {ref.shape}, flow {flow.shape}, "
+                         f"certainty {certainty.shape})")
+    ok = np.isfinite(ref) & np.isfinite(flow).all(axis=0) & np.isfinite(certainty)
+    if valid is not None:
+        ok &= np.asarray(valid, bool)
+    n = int(ok.sum())
+    out: Dict[str, object] = {"valid_fraction": n / max(ref.size, 1)}
+    nan = float("nan")
+    if n < MIN_VALID:
+        out.update(median_dx=nan, median_dy=nan, median_flow=nan, mean_certainty=nan,
+                   similarity_before=nan, similarity_after=nan, degraded=False)
+        return out
+    dx, dy = flow[0][ok], flow[1][ok]
+    before = gradient_ncc(ref, mov_before, ok)
+    after = gradient_ncc(ref, mov_after, ok)
+    out.update(
+        median_dx=float(np.median(dx)),
+        median_dy=float(np.median(dy)),
+        median_flow=float(np.median(np.hypot(dx, dy))),
+        mean_certainty=float(np.mean(certainty[ok])),
+        similarity_before=before,
+        similarity_after=after,
+        degraded=bool(np.isfinite(before) and np.isfinite(after) and after < before - DEGRADE_TOL),
+    )
+    return out
+
+
+def flag_outliers(tile_rows: Sequence[dict]) -> List[dict]:
+    """Copies of ``tile_rows`` with ``flow_deviation``, ``outlier`` and ``outlier_reason`` set
+    (rule in the module docstring)."""
+    rows = [dict(r) for r in tile_rows]
+    scored = [r for r in rows if _finite(r.get("median_dx")) and _finite(r.get("median_dy"))]
+    if scored:
+        mdx = float(np.median([r["median_dx"] for r in scored]))
+        mdy = float(np.median([r["median_dy"] for r in scored]))
+        dev = np.array([math.hypot(r["median_dx"] - mdx, r["median_dy"] - mdy) for r in scored])
+        sigma = 1.4826 * float(np.median(np.abs(dev - np.median(dev)))) if len(dev) > 2 else 0.0
+        limit = max(FLOW_DEV_MIN_PX, FLOW_DEV_K * sigma)
+        for r, d in zip(scored, dev):
+            r["flow_deviation"] = float(d)
+            r["_deviates"] = bool(d > limit)
+    for r in rows:
+        r.setdefault("flow_deviation", float("nan"))
+        reasons = []
+        if r.get("degraded"):
+            reasons.append("degraded")
+        if r.pop("_deviates", False):
+            reasons.append("flow_deviates")
+        r["outlier"] = bool(reasons)
+        r["outlier_reason"] = "+".join(reasons)
+    return rows
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write ``path`` through ``write(fh)`` into a temp file of the same folder, then rename."""
+    path = Path(path)
+    # not mkstemp: its 0600 mode would leak into the product; "x" mode keeps the umask default
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def write_json(path: Path, obj) -> Path:
+    """Atomically write ``obj`` as JSON (NaN/inf -> null, numpy -> Python)."""
+    data = json.dumps(_jsonable(obj), indent=2, allow_nan=False).encode()
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def _write_csv(path: Path, rows: Iterable[dict], fields: Sequence[str]) -> Path:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                    for k, v in _jsonable(r).items()})
+    data = buf.getvalue().encode()
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def _save_fig(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def _save_rgb(rgb: np.ndarray, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    rgb = np.clip(rgb, 0.0, 1.0)
+    return atomic_write(path, lambda fh: plt.imsave(fh, rgb, format="png"))
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))
+
+
+def stretch(img: np.ndarray, lo: float = 2.0, hi: float = 98.0) -> np.ndarray:
+    """Robust contrast stretch to [0, 1] between the ``lo``/``hi`` percentiles; NaN stays NaN."""
+    x = np.asarray(img, np.float32)
+    ok = np.isfinite(x)
+    if not ok.any():
+        return np.full(x.shape, np.nan, np.float32)
+    a, b = np.percentile(x[ok], [lo, hi])
+    if b - a <= 1e-12:
+        b = a + 1.0
+    return np.clip((x - a) / (b - a), 0.0, 1.0).astype(np.float32)
+
+
+def checkerboard(ref: np.ndarray, mov: np.ndarray, cells: int = 8) -> np.ndarray:
+    """RGB composite: reference (grey) and moving image (orange tint) in alternating squares of
+    about ``1/cells`` of the short side, each with its own robust stretch; nodata is dark blue."""
+    r, m = stretch(ref), stretch(mov)
+    h, w = r.shape
+    size = max(1, min(h, w) // cells)
+    rows = (np.arange(h) // size)[:, None]
+    cols = (np.arange(w) // size)[None, :]
+    use_mov = ((rows + cols) % 2).astype(bool)
+    grey = np.where(use_mov, m, r)
+    tint = np.where(use_mov[..., None], np.array([1.0, 0.75, 0.45]), np.array([1.0, 1.0, 1.0]))
+    rgb = grey[..., None] * tint
+    nodata = ~np.isfinite(grey)
+    rgb[nodata] = (0.05, 0.07, 0.2)
+    return rgb.astype(np.float32)
+
+
+def _flow_figure(flow: np.ndarray, certainty: Optional[np.ndarray], scale: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    mag = np.hypot(flow[0], flow[1])
+    h, w = mag.shape
+    fig, ax = plt.subplots(figsize=(7, 7 * h / max(w, 1) + 0.3))
+    finite = mag[np.isfinite(mag)]
+    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+    im = ax.imshow(np.ma.masked_invalid(mag), cmap="magma", vmin=0, vmax=max(vmax, 1e-3), interpolation="nearest")
+    step = max(1, max(h, w) // 24)
+    ys, xs = np.mgrid[step // 2:h:step, step // 2:w:step]
+    u, v = flow[0][ys, xs], flow[1][ys, xs]
+    keep = np.isfinite(u) & np.isfinite(v)
+    if certainty is not None:
+        keep &= np.nan_to_num(certainty[ys, xs]) > 0.05
+    if keep.any():
+        # arrows point from the reference pixel towards its match in the moving image
+        ax.quiver(xs[keep], ys[keep], u[keep], v[keep], color="cyan", angles="xy", scale_units="xy",
+                  scale=None, width=0.003)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label("|flow| (reference pixels)")
+    med = float(np.median(finite)) if finite.size else float("nan")
+    ax.set_title(f"flow magnitude, median {med:.2f} px (overview 1:{scale:g})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def _certainty_figure(certainty: np.ndarray, scale: float):
+    import matplotlib.pyplot as plt
+
+    h, w = certainty.shape
+    fig, ax = plt.subplots(figsize=(7, 7 * h / max(w, 1) + 0.3))
+    im = ax.imshow(np.ma.masked_invalid(certainty), cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label("certainty")
+    ok = np.isfinite(certainty)
+    cov = float(np.mean(certainty[ok] > CERTAIN)) if ok.any() else float("nan")
+    ax.set_title(f"certainty, {100 * cov:.0f}% of pixels > {CERTAIN} (overview 1:{scale:g})")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig
+
+
+def _hist_figure(mag: np.ndarray):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    v = mag[np.isfinite(mag)]
+    if v.size:
+        hi = max(float(np.percentile(v, 99.5)), 1e-3)
+        ax.hist(np.clip(v, 0, hi), bins=60, range=(0, hi), color="tab:blue")
+        med = float(np.median(v))
+        ax.axvline(med, color="tab:red", lw=1.5, label=f"median {med:.2f} px")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no valid flow", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("|flow| (reference pixels)")
+    ax.set_ylabel("pixels (overview)")
+    ax.set_title("flow magnitude histogram")
+    return fig
+
+
+# ----------------------------------------------------------------------------- products
+
+
+def _median(vals) -> float:
+    v = [float(x) for x in vals if _finite(x)]
+    return float(np.median(v)) if v else float("nan")
+
+
+def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict]) -> dict:
+    """Write the QA folder and return the scene summary (also ``summary.json``).
+
+    ``overview``: decimated whole-scene arrays ``ref``, ``mov_before``, ``mov_after`` (float32,
+    NaN = nodata), ``flow`` (2, h, w) in full-resolution reference pixels, ``certainty`` (h, w),
+    and ``scale`` (the decimation factor). ``tile_rows``: one dict per tile, :func:`tile_scores`
+    plus the window ``row_off``, ``col_off``, ``height``, ``width``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+
+    qa_dir = Path(qa_dir)
+    try:
+        qa_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{qa_dir}: cannot create the QA folder ({exc.strerror})") from None
+    ref = np.asarray(overview["ref"], np.float32)
+    before = np.asarray(overview["mov_before"], np.float32)
+    after = np.asarray(overview["mov_after"], np.float32)
+    flow = np.asarray(overview["flow"], np.float32)
+    cert = np.asarray(overview["certainty"], np.float32)
+    scale = float(overview.get("scale", 1))
+
+    valid = np.isfinite(ref) & np.isfinite(before)
+    flow_ok = valid & np.isfinite(flow).all(axis=0)
+    flow_v = np.where(flow_ok[None], flow, np.nan)
+    cert_v = np.where(valid, cert, np.nan)
+    mag = np.hypot(flow_v[0], flow_v[1])
+
+    _save_rgb(checkerboard(ref, before), qa_dir / "checkerboard_before.png")
+    _save_rgb(checkerboard(ref, after), qa_dir / "checkerboard_after.png")
+    _save_fig(_flow_figure(flow_v, cert_v, scale), qa_dir / "flow.png")
+    _save_fig(_certainty_figure(cert_v, scale), qa_dir / "certainty.png")
+    _save_fig(_hist_figure(mag), qa_dir / "flow_hist.png")
+
+    rows = flag_outliers(tile_rows)
+    fields = list(TILE_FIELDS) + sorted({k for r in rows for k in r} - set(TILE_FIELDS))
+    _write_csv(qa_dir / "tiles.csv", rows, fields)
+    write_json(qa_dir / "tiles.json", rows)
+
+    scored = [r for r in rows if _finite(r.get("similarity_before")) and _finite(r.get("similarity_after"))]
+    sim_b = _median(r["similarity_before"] for r in scored)
+    sim_a = _median(r["similarity_after"] for r in scored)
+    mv = mag[np.isfinite(mag)]
+    cv = cert_v[np.isfinite(cert_v)]
+    n_out = sum(1 for r in rows if r["outlier"])
+    summary = {
+        "tiles": len(rows),
+        "tiles_scored": len(scored),
+        "similarity_before_median": sim_b,
+        "similarity_after_median": sim_a,
+        "similarity_gain": sim_a - sim_b,
+        "tiles_improved_share": (sum(1 for r in scored if r["similarity_after"] > r["similarity_before"])
+                                 / len(scored)) if scored else float("nan"),
+        "scene_similarity_before": gradient_ncc(ref, before, valid),
+        "scene_similarity_after": gradient_ncc(ref, after, valid & np.isfinite(after)),
+        "outlier_tiles": n_out,
+        "outlier_share": n_out / len(rows) if rows else float("nan"),
+        "degraded_tiles": sum(1 for r in rows if r.get("degraded")),
+        "median_dx": float(np.median(flow_v[0][np.isfinite(mag)])) if mv.size else float("nan"),
+        "median_dy": float(np.median(flow_v[1][np.isfinite(mag)])) if mv.size else float("nan"),
+        "median_flow": float(np.median(mv)) if mv.size else float("nan"),
+        "p95_flow": float(np.percentile(mv, 95)) if mv.size else float("nan"),
+        "mean_certainty": float(np.mean(cv)) if cv.size else float("nan"),
+        "certainty_coverage": float(np.mean(cv > CERTAIN)) if cv.size else float("nan"),
+        "valid_fraction": float(valid.mean()) if valid.size else 0.0,
+        "overview_scale": scale,
+        "overview_shape": list(ref.shape),
+        "similarity": f"NCC of Gaussian (sigma {GRAD_SIGMA} px) gradient magnitudes over valid pixels, reference vs moving",
+        "outlier_rule": (f"similarity_after < similarity_before - {DEGRADE_TOL}, or |tile median flow - "
+                         f"scene median flow| > max({FLOW_DEV_MIN_PX} px, {FLOW_DEV_K} * 1.4826 * MAD)"),
+        "files": list(PRODUCTS),
+    }
+    write_json(qa_dir / "summary.json", summary)
+    return _jsonable(summary)
