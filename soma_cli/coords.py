@@ -205,19 +205,28 @@ def fit_affine_np(
     col0: float = 0.0,
     row0: float = 0.0,
 ) -> Tuple[np.ndarray, dict]:
-    """Robust (IRLS, Tukey) weighted least-squares affine fit to a flow field.
+    """Robust affine fit to a flow field ``(2, H, W)`` sampled every ``step`` pixels.
 
-    Returns the 2x3 affine (pixel convention above, in a grid offset by ``col0, row0``) and a dict
-    with ``rmse`` (weighted residual, px), ``inliers`` (share of weight kept) and ``n``.
+    The grid origin is ``(col0, row0)`` (for tiles/windows of a larger grid).  See
+    :func:`fit_affine_points_np` for the returned values.
     """
     f = np.asarray(flow, dtype=np.float64)[:, ::step, ::step]
     h, w = f.shape[1:]
     grid = base_grid_np(h, w, np.float64) * step
     x = (grid[0] + col0).ravel()
     y = (grid[1] + row0).ravel()
-    u = x + f[0].ravel()
-    v = y + f[1].ravel()
-    wt = np.ones_like(x) if weight is None else np.asarray(weight, np.float64)[::step, ::step].ravel()
+    wt = None if weight is None else np.asarray(weight, np.float64)[::step, ::step].ravel()
+    return fit_affine_points_np(x, y, x + f[0].ravel(), y + f[1].ravel(), wt, iters)
+
+
+def fit_affine_points_np(x, y, u, v, weight=None, iters: int = 6) -> Tuple[np.ndarray, dict]:
+    """Robust (IRLS, Tukey) weighted least-squares affine mapping pixels ``(x, y)`` to ``(u, v)``.
+
+    Returns the 2x3 affine and a dict with ``rmse`` (weighted residual of the kept points, px),
+    ``inliers`` (share of weight kept) and ``n`` (points used).  Non-finite points are ignored.
+    """
+    x, y, u, v = (np.asarray(a, np.float64).ravel() for a in (x, y, u, v))
+    wt = np.ones_like(x) if weight is None else np.asarray(weight, np.float64).ravel()
     ok = np.isfinite(u) & np.isfinite(v) & np.isfinite(wt) & (wt > 0)
     if ok.sum() < 6:
         return np.array([[1.0, 0, 0], [0, 1.0, 0]]), {"rmse": float("nan"), "inliers": 0.0, "n": int(ok.sum())}

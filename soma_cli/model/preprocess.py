@@ -24,6 +24,15 @@ PREPROCESSING = {
 }
 
 
+def detect_sar_kind(sample: np.ndarray, is_float: bool) -> str:
+    """Decide once per scene whether SAR values are dB (float with negative values) or linear."""
+    x = np.asarray(sample, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if is_float and x.size and float(np.percentile(x, 50)) < 0:
+        return "db"
+    return "amplitude"
+
+
 def sar_to_log(sar: np.ndarray, kind: str = "auto", valid: Optional[np.ndarray] = None) -> np.ndarray:
     """Convert a SAR band (H, W) to a log domain. ``kind``: auto, db, amplitude, intensity."""
     if kind not in SAR_KINDS:

@@ -1,0 +1,107 @@
+"""Atomic, tiled, compressed GeoTIFF (or COG) writing (rasterio only).
+
+Every output is written to a hidden temporary file in the destination folder and renamed into place
+only when complete, so an interrupted run never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import rasterio
+from rasterio.errors import RasterioError
+from rasterio.shutil import copy as rio_copy
+
+from ..errors import OutputError
+
+
+def check_output(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Path:
+    """Validate an output path before any work is done."""
+    p = Path(path)
+    if not p.parent.exists():
+        raise OutputError(f"output folder does not exist: {p.parent}")
+    if not p.parent.is_dir():
+        raise OutputError(f"output folder is not a directory: {p.parent}")
+    if p.is_dir():
+        raise OutputError(f"output path is a directory: {p}")
+    for i in inputs:
+        try:
+            if p.exists() and Path(i).exists() and p.resolve() == Path(i).resolve():
+                raise OutputError(f"output would overwrite an input: {p}")
+        except OSError:
+            pass
+    if p.exists() and not overwrite:
+        raise OutputError(f"output exists: {p} (use --overwrite to replace it)")
+    if not os.access(p.parent, os.W_OK):
+        raise OutputError(f"output folder is not writable: {p.parent}")
+    return p
+
+
+def _tmp_path(dest: Path, suffix: str = ".tif") -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def gtiff_profile(profile: dict, block: int = 256) -> dict:
+    """A tiled, DEFLATE-compressed GeoTIFF profile derived from ``profile``."""
+    out = dict(profile)
+    out.update(driver="GTiff", tiled=True, blockxsize=block, blockysize=block, compress="deflate",
+               BIGTIFF="IF_SAFER")
+    if str(out.get("dtype")) in ("float32", "float64"):
+        out["predictor"] = 3
+    elif str(out.get("dtype")) in ("uint16", "int16", "uint32", "int32"):
+        out["predictor"] = 2
+    for k in ("photometric", "interleave"):
+        out.pop(k, None)
+    if out.get("width", block) < block or out.get("height", block) < block:
+        out.update(blockxsize=16 * max(1, min(out["width"], block) // 16),
+                   blockysize=16 * max(1, min(out["height"], block) // 16))
+        if out["blockxsize"] < 16 or out["blockysize"] < 16:
+            out["tiled"] = False
+            out.pop("blockxsize")
+            out.pop("blockysize")
+    return out
+
+
+@contextmanager
+def atomic_raster(dest: Path, profile: dict, cog: bool = False,
+                  descriptions: Optional[Sequence[str]] = None, units: Optional[Sequence[str]] = None,
+                  tags: Optional[dict] = None) -> Iterator[rasterio.io.DatasetWriter]:
+    """Open a temporary GeoTIFF for writing; on success it replaces ``dest`` (as a COG if asked)."""
+    dest = Path(dest)
+    tmp = _tmp_path(dest)
+    tmp_cog: Optional[Path] = None
+    try:
+        try:
+            with rasterio.open(tmp, "w", **gtiff_profile(profile)) as dst:
+                for i, d in enumerate(descriptions or (), start=1):
+                    dst.set_band_description(i, d)
+                for i, u in enumerate(units or (), start=1):
+                    dst.update_tags(i, units=u)
+                    dst.units = tuple(list(units))
+                if tags:
+                    dst.update_tags(**tags)
+                yield dst
+            if cog:
+                tmp_cog = _tmp_path(dest)
+                rio_copy(tmp, tmp_cog, driver="COG", compress="DEFLATE", BIGTIFF="IF_SAFER")
+                os.replace(tmp_cog, dest)
+                tmp_cog = None
+            else:
+                os.replace(tmp, dest)
+        except RasterioError as exc:
+            raise OutputError(f"cannot write {dest}: {exc}") from None
+        except OSError as exc:
+            raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    finally:
+        for p in (tmp, tmp_cog):
+            if p is not None and p.exists():
+                try:
+                    p.unlink()
+                except OSError:
+                    pass

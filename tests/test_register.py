@@ -1,0 +1,278 @@
+"""End-to-end tests of ``soma register`` (pipeline + io + tiling + stitch + warp)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from soma_cli import coords, synth
+from soma_cli.errors import SomaError
+from soma_cli.pipeline import RegisterOptions, register
+
+CRS = "EPSG:32611"
+T0 = from_origin(500000.0, 3800000.0, 10.0, 10.0)
+
+
+def write(path: Path, data: np.ndarray, transform=T0, crs=CRS, nodata=None) -> Path:
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[None]
+    with rasterio.open(path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1],
+                       count=data.shape[0], dtype=data.dtype, crs=crs, transform=transform,
+                       nodata=nodata) as ds:
+        ds.write(data)
+    return path
+
+
+class FieldOracle:
+    """Returns a known flow field evaluated at each tile's position (tiles are identified by a
+    position code stored in the optical tile's first pixels... no: by call order over a layout)."""
+
+    name = "oracle"
+
+    def __init__(self, field_fn):
+        self.field_fn = field_fn
+
+    def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        b, h, w = opt.shape
+        return np.stack([self.field_fn(h, w)] * b).astype(np.float32), np.ones((b, h, w), np.float32)
+
+
+def ramp(h, w, a=3.0, b=2.0):
+    g = coords.base_grid_np(h, w, np.float64)
+    return (1000.0 + a * g[0] + b * g[1]).astype(np.float32)
+
+
+def test_warp_round_trip_is_exact_on_a_ramp(tmp_path):
+    """A ramp is reproduced exactly by bilinear sampling, so any half-pixel slip shows at once."""
+    h = w = 256
+    d = synth.draw(np.random.default_rng(3), h, w, synth.GEO)
+    truth = d.forward()
+    image = ramp(h, w)
+    deformed = d.apply(image)  # content at q moves to q + D(q)
+    opt = write(tmp_path / "opt.tif", ramp(h, w).astype(np.float32))
+    sar = write(tmp_path / "sar.tif", np.nan_to_num(deformed, nan=-1.0).astype(np.float32), nodata=-1.0)
+    out = tmp_path / "out.tif"
+    register(RegisterOptions(sar=sar, opt=opt, out=out, tile_size=256, overlap=0),
+             matcher=FieldOracle(lambda hh, ww: truth))
+    with rasterio.open(out) as ds:
+        got = ds.read(1, masked=True)
+    ok = ~np.ma.getmaskarray(got)
+    assert ok.mean() > 0.7
+    # error in pixels along the ramp: |value error| / |gradient|
+    err_px = np.abs(got.data[ok] - image[ok]) / np.hypot(3.0, 2.0)
+    assert err_px.max() < 0.05
+
+
+def test_constant_shift_multi_tile_blending_and_grid(tmp_path):
+    h, w = 700, 600
+    shift = np.array([2.25, -1.5], np.float32)
+    image = ramp(h, w)
+    moved = coords.warp_np(image, -shift[:, None, None] * np.ones((2, h, w), np.float32), cval=np.nan)
+    opt = write(tmp_path / "opt.tif", image)
+    sar = write(tmp_path / "sar.tif", np.nan_to_num(moved, nan=-1.0).astype(np.float32), nodata=-1.0)
+    out, flow = tmp_path / "out.tif", tmp_path / "flow.tif"
+    res = register(RegisterOptions(sar=sar, opt=opt, out=out, flow_out=flow, tile_size=256, overlap=64),
+                   matcher=FieldOracle(lambda hh, ww: np.ones((2, hh, ww)) * shift[:, None, None]))
+    assert res.tiles == 12  # rows start 0, 192, 384, 444; columns 0, 192, 344
+    with rasterio.open(out) as o, rasterio.open(opt) as r, rasterio.open(flow) as f:
+        assert (o.crs, o.transform, o.width, o.height) == (r.crs, r.transform, r.width, r.height)
+        got = o.read(1, masked=True)
+        fl = f.read()
+        assert f.descriptions[0].startswith("dx")
+        assert f.nodata == -9999.0
+    ok = ~np.ma.getmaskarray(got)
+    assert np.abs(got.data[ok] - image[ok]).max() < 0.05 * np.hypot(3, 2)
+    assert np.allclose(fl[0], 2.25) and np.allclose(fl[1], -1.5)
+    assert np.allclose(res.affine, [[1, 0, 2.25], [0, 1, -1.5]], atol=1e-4)
+
+
+def test_reference_sar_inverts_the_field(tmp_path):
+    h = w = 256
+    shift = np.array([1.75, 0.5], np.float32)
+    image = ramp(h, w)
+    moved = coords.warp_np(image, -shift[:, None, None] * np.ones((2, h, w)), cval=np.nan)
+    opt = write(tmp_path / "opt.tif", image)
+    sar = write(tmp_path / "sar.tif", np.nan_to_num(moved, nan=-1.0).astype(np.float32), nodata=-1.0)
+    flow = tmp_path / "flow.tif"
+    register(RegisterOptions(sar=sar, opt=opt, out=tmp_path / "o.tif", flow_out=flow, reference="sar",
+                             tile_size=256, overlap=0),
+             matcher=FieldOracle(lambda hh, ww: np.ones((2, hh, ww)) * shift[:, None, None]))
+    with rasterio.open(flow) as f:
+        fl = f.read()
+    has = fl[0] != -9999.0  # the SAR's own nodata border has no estimate
+    assert has.mean() > 0.95
+    assert np.allclose(fl[0][has], -1.75, atol=1e-3) and np.allclose(fl[1][has], -0.5, atol=1e-3)
+    with rasterio.open(tmp_path / "o.tif") as o:
+        got = o.read(1, masked=True)
+    ok = ~np.ma.getmaskarray(got)
+    np.testing.assert_allclose(got.data[ok], np.nan_to_num(moved)[ok], atol=0.05 * np.hypot(3, 2))
+
+
+def _real_crop(shared_data: Path, name: str, size: int, off: int = 256):
+    with rasterio.open(shared_data / "sar" / f"{name}.tif") as s, rasterio.open(shared_data / "opt" / f"{name}.tif") as o:
+        w = Window(off, off, size, size)
+        return s.read(1, window=w), o.read(window=w), s.window_transform(w), s.crs
+
+
+def test_gradient_recovers_a_known_smooth_field(tmp_path, shared_data):
+    """Real crop; the SAR gets a known geo-like deformation.  The pair's own residual is removed by
+    comparing against the flow of the undeformed pair (F1 - F0 vs. D)."""
+    sar, opt, t, crs = _real_crop(shared_data, "003", 512)
+    d = synth.draw(np.random.default_rng(11), 512, 512, synth.DeformParams(trans_px=6, rot_deg=1, local_px=3))
+    deformed = d.apply(sar.astype(np.float32))
+    o = write(tmp_path / "opt.tif", opt, t, crs)
+    s0 = write(tmp_path / "sar0.tif", sar, t, crs)
+    s1 = write(tmp_path / "sar1.tif", np.nan_to_num(deformed, nan=-1).astype(np.float32), t, crs, nodata=-1)
+    flows = []
+    for s in (s0, s1):
+        f = tmp_path / f"{s.stem}_flow.tif"
+        register(RegisterOptions(sar=s, opt=o, out=tmp_path / f"{s.stem}_out.tif", flow_out=f, method="gradient",
+                                 tile_size=512, overlap=0))
+        with rasterio.open(f) as ds:
+            flows.append(ds.read([1, 2]).astype(np.float64))
+    f0, f1 = flows
+    expected = f0 + coords.warp_np(d.forward(), f0.astype(np.float32), order=1, edge=True)
+    inside = coords.inside_mask_np(d.forward(), 512, 512)[32:-32, 32:-32]
+    err = np.hypot(*(f1 - expected))[32:-32, 32:-32]
+    rmse = float(np.sqrt(np.mean(err[inside] ** 2)))
+    assert rmse < 1.0, rmse  # measured ~0.3-0.5 px
+
+
+def test_different_crs_inputs_register(tmp_path, shared_data):
+    """Optical in World Mercator, SAR reprojected to EPSG:4326: output lands on the optical grid and the
+    (co-registered) pair needs only a small correction."""
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    sar, opt, t, crs = _real_crop(shared_data, "003", 384)
+    o = write(tmp_path / "opt.tif", opt, t, crs)
+    dst_t, w, h = calculate_default_transform(crs, "EPSG:4326", 384, 384, *rasterio.transform.array_bounds(384, 384, t))
+    geo = np.zeros((h, w), np.uint8)
+    reproject(sar, geo, src_transform=t, src_crs=crs, dst_transform=dst_t, dst_crs="EPSG:4326",
+              resampling=Resampling.bilinear, dst_nodata=0)
+    s = write(tmp_path / "sar4326.tif", geo, dst_t, "EPSG:4326", nodata=0)
+    out = tmp_path / "out.tif"
+    res = register(RegisterOptions(sar=s, opt=o, out=out, method="gradient", tile_size=256, overlap=64))
+    with rasterio.open(out) as ds, rasterio.open(o) as r:
+        assert (ds.crs, ds.transform, ds.shape) == (r.crs, r.transform, r.shape)
+        assert ds.read_masks(1).mean() > 0.5 * 255
+    assert res.median_flow < 3.0
+
+
+def test_affine_mode_restores_the_geotransform(tmp_path, shared_data):
+    """SAR content shifted by (5, -3) px but labelled with the optical transform: --mode affine keeps
+    the SAR pixels and writes a transform that puts them back in place."""
+    with rasterio.open(shared_data / "sar" / "003.tif") as s, rasterio.open(shared_data / "opt" / "003.tif") as op:
+        w = Window(300, 300, 384, 384)
+        opt, t = op.read(window=w), op.window_transform(w)
+        moved = s.read(1, window=Window(300 - 5, 300 + 3, 384, 384))  # content shifted by (+5, -3)
+        crs = s.crs
+    o = write(tmp_path / "opt.tif", opt, t, crs)
+    sp = write(tmp_path / "sar.tif", moved, t, crs)
+    out = tmp_path / "out.tif"
+    res = register(RegisterOptions(sar=sp, opt=o, out=out, method="gradient", mode="affine", tile_size=384, overlap=0))
+    with rasterio.open(out) as ds:
+        np.testing.assert_array_equal(ds.read(1), moved)  # pixels unchanged
+        nt = ds.transform
+    # true transform of the shifted crop: origin moved by (-5, +3) pixels
+    true = t * rasterio.Affine.translation(-5, 3)
+    assert abs(nt.c - true.c) < 1.0 * t.a  # within a pixel (the pair has ~1 px residual of its own)
+    assert abs(nt.f - true.f) < 1.0 * abs(t.e)
+    assert res.output_transform is not None
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "soma_cli.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+@pytest.fixture()
+def small_pair(tmp_path):
+    rng = np.random.default_rng(0)
+    img = (rng.random((128, 128)) * 200).astype(np.uint8)
+    return write(tmp_path / "sar.tif", img), write(tmp_path / "opt.tif", np.stack([img] * 3))
+
+
+def _assert_clean_error(proc, tmp_dir: Path, needle: str, before: set):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert needle.lower() in proc.stderr.lower(), proc.stderr
+    assert set(p.name for p in tmp_dir.iterdir()) == before  # nothing written, no temp files
+
+
+def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, small_pair):
+    sar, opt = small_pair
+    out = tmp_path / "out.tif"
+    before = set(p.name for p in tmp_path.iterdir())
+    base = ["register", "--method", "identity", "-q"]
+
+    _assert_clean_error(_cli(*base, tmp_path / "nope.tif", opt, "-o", out), tmp_path, "not found", before)
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not a raster")
+    before_txt = before | {"notes.txt"}
+    _assert_clean_error(_cli(*base, txt, opt, "-o", out), tmp_path, "not a readable raster", before_txt)
+    nocrs = tmp_path / "nocrs.tif"
+    with rasterio.open(nocrs, "w", driver="GTiff", width=64, height=64, count=1, dtype="uint8") as ds:
+        ds.write(np.ones((1, 64, 64), np.uint8))
+    b2 = before_txt | {"nocrs.tif"}
+    _assert_clean_error(_cli(*base, nocrs, opt, "-o", out), tmp_path, "no CRS", b2)
+    far = write(tmp_path / "far.tif", np.ones((128, 128), np.uint8), from_origin(700000, 3800000, 10, 10))
+    b3 = b2 | {"far.tif"}
+    _assert_clean_error(_cli(*base, far, opt, "-o", out), tmp_path, "do not overlap", b3)
+    empty = write(tmp_path / "empty.tif", np.zeros((128, 128), np.uint8), nodata=0)
+    b4 = b3 | {"empty.tif"}
+    _assert_clean_error(_cli(*base, empty, opt, "-o", out), tmp_path, "all nodata", b4)
+    _assert_clean_error(_cli(*base, sar, opt, "-o", out, "--bands", "5"), tmp_path, "band", b4)
+    _assert_clean_error(_cli(*base, sar, opt, "-o", out, "--bands", "x"), tmp_path, "band", b4)
+    _assert_clean_error(_cli(*base, sar, opt, "-o", tmp_path / "missing" / "o.tif"), tmp_path, "does not exist", b4)
+    out.write_bytes(b"existing")
+    b5 = b4 | {"out.tif"}
+    _assert_clean_error(_cli(*base, sar, opt, "-o", out), tmp_path, "--overwrite", b5)
+    assert out.read_bytes() == b"existing"
+    trunc = tmp_path / "trunc.tif"
+    big = write(tmp_path / "big.tif", (np.random.default_rng(1).random((3, 512, 512)) * 255).astype(np.uint8))
+    trunc.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    big.unlink()
+    b6 = b5 | {"trunc.tif"}
+    _assert_clean_error(_cli(*base, sar, trunc, "-o", tmp_path / "o2.tif"), tmp_path, "optical", b6)
+    _assert_clean_error(_cli(*base, sar, opt, "-o", tmp_path / "o3.tif", "--tile-size", "100"), tmp_path,
+                        "tile-size", b6)
+
+
+def test_inputs_are_never_modified(tmp_path, small_pair):
+    sar, opt = small_pair
+    digest = [p.read_bytes() for p in (sar, opt)]
+    proc = _cli("register", sar, opt, "-o", tmp_path / "o.tif", "--method", "identity", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert [p.read_bytes() for p in (sar, opt)] == digest
+
+
+def test_json_summary(tmp_path, small_pair):
+    import json
+
+    sar, opt = small_pair
+    proc = _cli("register", sar, opt, "-o", tmp_path / "o.tif", "--method", "identity", "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["tiles"] == 1 and summary["median_flow"] == 0.0
+
+
+def test_cog_output(tmp_path, small_pair):
+    sar, opt = small_pair
+    out = tmp_path / "o.tif"
+    register(RegisterOptions(sar=sar, opt=opt, out=out, method="identity", cog=True, tile_size=128, overlap=0))
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
