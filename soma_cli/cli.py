@@ -44,8 +44,249 @@ def _root(
 # ---- commands are added below, one section each ------------------------------------------------
 
 
+def _parse_bands(text: Optional[str]):
+    if text is None:
+        return None
+    try:
+        bands = tuple(int(b) for b in text.replace(" ", "").split(",") if b)
+    except ValueError:
+        from .errors import BandError
+
+        raise BandError(f"--bands must be comma-separated 1-based band numbers (got {text!r})") from None
+    if not bands:
+        from .errors import BandError
+
+        raise BandError("--bands is empty")
+    return bands
+
+
+def _progress_bar(quiet: bool, label: str):
+    """A Rich progress bar driven by the library's ``progress(done, total)`` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), console=err_console, disable=quiet, transient=False)
+    task = bar.add_task(label, total=None)
+    started = []
+
+    def update(done: int, total: int, *_):
+        if not started:  # start on the first tick, so early errors print without a bar
+            bar.start()
+            started.append(True)
+        bar.update(task, completed=done, total=total)
+
+    return bar, update
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  soma register s1_vh.tif s2_rgb.tif -o aligned.tif\n\n"
+        "  soma register s1.tif s2_l1c.tif -o aligned.tif --flow-out disp.tif --qa-out qa/ --bands 4,3,2\n\n"
+        "  soma register s1.tif s2.tif -o s2_on_s1.tif --reference sar --mode affine --json"
+    )
+)
+def register(
+    sar: Annotated[Path, typer.Argument(help="SAR GeoTIFF (amplitude, intensity, dB or 8-bit scaled).")],
+    opt: Annotated[Path, typer.Argument(help="Optical GeoTIFF (1, 3, 4 or 13 bands; 8/16-bit or float).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output: the moving image, aligned, on the reference grid.")],
+    reference: Annotated[str, typer.Option(help="Which image is the reference grid: opt or sar.")] = "opt",
+    method: Annotated[str, typer.Option(help="Matcher: soma (the network), gradient (training-free) or identity.")] = "soma",
+    mode: Annotated[str, typer.Option(help="dense: resample with the dense field; affine: one global affine fit.")] = "dense",
+    flow_out: Annotated[Optional[Path], typer.Option(help="Write the displacement raster (dx, dy, certainty).")] = None,
+    qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
+    tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = 512,
+    overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the network.")] = None,
+    bands: Annotated[Optional[str], typer.Option(help="Optical bands to use, 1-based, e.g. 4,3,2.")] = None,
+    sar_band: Annotated[int, typer.Option(help="SAR band to use, 1-based.")] = 1,
+    sar_scale: Annotated[str, typer.Option(help="SAR values: auto, db, amplitude or intensity.")] = "auto",
+    resampling: Annotated[str, typer.Option(help="Output resampling: nearest, bilinear or cubic.")] = "bilinear",
+    weights: Annotated[Optional[Path], typer.Option(help="TorchScript weights for --method soma.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    cog: Annotated[bool, typer.Option(help="Write Cloud-Optimised GeoTIFFs.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")] = False,
+):
+    """Co-register a SAR and an optical image; write the moving one aligned on the reference grid.
+
+    The displacement raster (--flow-out) is on the reference grid: band 1 dx, band 2 dy in reference
+    pixels, band 3 certainty; reference pixel (c, r) matches the moving image (already on the
+    reference grid) at (c + dx, r + dy).
+    """
+    import json
+
+    from .pipeline import RegisterOptions
+    from .pipeline import register as run_register
+
+    opts = RegisterOptions(
+        sar=sar, opt=opt, out=out, reference=reference, method=method, mode=mode, flow_out=flow_out,
+        qa_out=qa_out, tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,
+        threads=threads, bands=_parse_bands(bands), sar_band=sar_band, sar_scale=sar_scale,
+        resampling=resampling, weights=weights, overwrite=overwrite, cog=cog,
+    )
+    bar, update = _progress_bar(quiet or json_out, "tiles")
+    try:
+        result = run_register(opts, progress=update)
+    finally:
+        bar.stop()
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        _print_register_summary(result)
+
+
+def _print_register_summary(result) -> None:
+    from rich.table import Table
+
+    t = Table(title="soma register", show_header=False, title_justify="left")
+    t.add_row("output", result.out)
+    if result.flow_out:
+        t.add_row("displacement", result.flow_out)
+    if result.qa_out:
+        t.add_row("QA", result.qa_out)
+    t.add_row("method / mode", f"{result.method} / {result.mode} (reference: {result.reference})")
+    t.add_row("tiles", str(result.tiles))
+    t.add_row("median |flow|", f"{result.median_flow:.2f} px")
+    t.add_row("certainty > 0.5", f"{100 * result.certainty_coverage:.1f} % of the overlap")
+    a = result.affine
+    t.add_row("global affine", f"[{a[0][0]:.4f} {a[0][1]:.4f} {a[0][2]:+.2f}; {a[1][0]:.4f} {a[1][1]:.4f} {a[1][2]:+.2f}]"
+              f"  (residual {result.affine_rmse:.2f} px, inliers {100 * result.affine_inliers:.0f} %)")
+    if result.output_transform:
+        t.add_row("new geotransform", ", ".join(f"{v:.6g}" for v in result.output_transform))
+    t.add_row("time", f"{result.seconds:.1f} s")
+    Console(stderr=True).print(t)
+
+
+# ---- batch ----------------------------------------------------------------------------------------
+
+
+@app.command(
+    "batch",
+    epilog=(
+        "Examples:\n\n"
+        "  soma batch pairs.csv --out-dir runs/ --method gradient --workers 2\n\n"
+        "  soma batch --sar-glob 'sar/*.tif' --opt-glob 'opt/*.tif' --out-dir runs/\n\n"
+        "  soma batch --sar-glob 's1/*.tif' --opt-glob 's2/*.tif' --key-regex '_(\\d{8})' -o runs/ "
+        "--scheduler tcp://10.0.0.5:8786"
+    ),
+)
+def batch_cmd(
+    manifest: Annotated[Optional[Path], typer.Argument(
+        help="CSV with columns sar, opt and optional id, reference, method, mode, bands, sar_scale, "
+             "tile_size, overlap, weights (per-pair overrides; relative paths from the CSV's folder).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Output folder: one sub-folder per pair.")] = ...,
+    sar_glob: Annotated[Optional[str], typer.Option(help="Instead of a manifest: glob of SAR files.")] = None,
+    opt_glob: Annotated[Optional[str], typer.Option(help="Instead of a manifest: glob of optical files.")] = None,
+    key_regex: Annotated[Optional[str], typer.Option(
+        help="Pair glob files by this regex's group 'key' / group 1 / match in the file name "
+             "(default: the file name without .tif).")] = None,
+    reference: Annotated[str, typer.Option(help="Reference grid: opt or sar.")] = "opt",
+    method: Annotated[str, typer.Option(help="Matcher: soma, gradient, identity, ...")] = "soma",
+    mode: Annotated[str, typer.Option(help="dense or affine.")] = "dense",
+    tile_size: Annotated[int, typer.Option(help="Tile size in pixels.")] = 512,
+    overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Tiles per matcher call.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (on the workers).")] = "auto",
+    bands: Annotated[Optional[str], typer.Option(help="Optical bands, 1-based, e.g. 4,3,2.")] = None,
+    sar_scale: Annotated[str, typer.Option(help="SAR values: auto, db, amplitude or intensity.")] = "auto",
+    weights: Annotated[Optional[Path], typer.Option(help="TorchScript weights for --method soma.")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Local worker processes, one thread each (default: the number of CPU cores).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(
+        help="Use an existing Dask cluster, e.g. tcp://host:8786 (paths must be valid on the workers).")] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Rerun pairs that failed before (default: skip them).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Rerun every pair, replacing its outputs.")] = False,
+    html: Annotated[bool, typer.Option("--report/--no-report", help="Write OUT_DIR/report.html at the end.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
+):
+    """Register many pairs in parallel (Dask), resumably: done pairs are skipped on a rerun.
+
+    Per pair: OUT_DIR/ID/aligned.tif, flow.tif, qa/, and done.json (written last) or failed.json;
+    OUT_DIR/runlog.jsonl gets one JSON line per pair. Exit code 1 when a pair failed.
+    """
+    import os
+
+    from . import batch as batch_lib
+    from .errors import ConfigError
+
+    if (manifest is None) == (sar_glob is None and opt_glob is None) or (manifest is None and not (sar_glob and opt_glob)):
+        raise ConfigError("give either a MANIFEST.csv or both --sar-glob and --opt-glob")
+    if manifest is not None:
+        pairs = batch_lib.read_manifest(manifest)
+    else:
+        pairs, unmatched = batch_lib.pairs_from_globs(sar_glob, opt_glob, key_regex)
+        if unmatched and not quiet:
+            names = ", ".join(p.name for p in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+            err_console.print(f"[yellow]warning:[/] {len(unmatched)} file(s) without a partner: {names}")
+    options = dict(reference=reference, method=method, mode=mode, tile_size=tile_size, overlap=overlap,
+                   batch_size=batch_size, device=device, bands=_parse_bands(bands), sar_scale=sar_scale,
+                   weights=weights)
+    bar, update = _progress_bar(quiet, "pairs")
+    try:
+        result = batch_lib.run_batch(pairs, out_dir, options, workers=workers or os.cpu_count() or 1,
+                                     scheduler=scheduler, retry_failed=retry_failed, overwrite=overwrite,
+                                     progress=update)
+    finally:
+        bar.stop()
+    page = None
+    if html:
+        from .report import render
+
+        page = render(out_dir)
+    if not quiet:
+        _print_batch_table(result, page)
+    if result.counts().get("failed"):
+        raise typer.Exit(1)
+
+
+def _print_batch_table(result, page) -> None:
+    from rich.table import Table
+
+    def num(v, fmt="{:.2f}"):
+        return fmt.format(v) if isinstance(v, (int, float)) and v == v else ""
+
+    recs = sorted(result.records, key=lambda r: r["id"])
+    shown = recs if len(recs) <= 60 else [r for r in recs if r["status"] == "failed"][:60]
+    t = Table(title=f"soma batch: {result.out_dir}", title_justify="left")
+    for col in ("id", "status", "s", "|flow| px", "cert>0.5", "sim before", "sim after", "error"):
+        t.add_column(col, justify="left" if col in ("id", "status", "error") else "right")
+    style = {"ok": "green", "failed": "red", "skipped": "dim"}
+    for r in shown:
+        t.add_row(r["id"], f"[{style.get(r['status'], '')}]{r['status']}[/]", num(r.get("seconds"), "{:.1f}"),
+                  num(r.get("median_flow")), num(r.get("certainty_coverage")), num(r.get("similarity_before"), "{:.3f}"),
+                  num(r.get("similarity_after"), "{:.3f}"), (r.get("error") or r.get("reason") or "")[:80])
+    con = Console(stderr=True)
+    if shown:
+        con.print(t)
+    c = result.counts()
+    ran = c["ok"] + c["failed"]
+    rate = f", {60 * ran / result.seconds:.2f} pairs/min" if ran and result.seconds > 0 else ""
+    con.print(f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped in {result.seconds:.1f} s{rate}"
+              + (f"; report: {page}" if page else ""), highlight=False)
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report_cmd(
+    directory: Annotated[Path, typer.Argument(help="A --qa-out folder of soma register, or a soma batch --out-dir.")],
+):
+    """Render a QA folder or a batch folder into one static DIR/report.html (relative links only)."""
+    from .report import render
+
+    typer.echo(str(render(directory)))
+
+
 def main() -> None:
     """Entry point: run the Typer app, turning SomaError into a one-line message."""
+    import logging
+
+    for name in ("rasterio", "distributed"):  # library chatter would break the one-line errors
+        logging.getLogger(name).addHandler(logging.NullHandler())
     try:
         app(standalone_mode=False)
     except SomaError as exc:
