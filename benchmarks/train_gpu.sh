@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One prepared GPU training run of the SOMA network from the prepared cache (fit phase only).
+#
+#   bash benchmarks/train_gpu.sh OUT_DIR [MINUTES] [DEVICE] [extra key=value FitConfig overrides...]
+#
+# Needs: torch, numpy, scipy; no rasterio, no pip install (PYTHONPATH=.), the cache built on the
+# dev machine by the prepare phase at .devcache/train_cache.npz (carried as an ignored folder) and,
+# when the `affine` package is absent, its copy in .devcache/pylib.  Checkpoints go to OUT_DIR
+# every minute (ckpt.pt resumable, model.pt / best.pt weights only), so a timeout still leaves one.
+set -u
+OUT_DIR="${1:?usage: train_gpu.sh OUT_DIR [MINUTES] [DEVICE] [key=value ...]}"
+MINUTES="${2:-8}"
+DEVICE="${3:-cuda}"
+shift $(( $# < 3 ? $# : 3 ))
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$HERE" || exit 1
+export PYTHONPATH="$HERE:$HERE/.devcache/pylib${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+CACHE="${SOMA_CACHE:-$HERE/.devcache/train_cache.npz}"
+mkdir -p "$OUT_DIR"
+echo "== host: $(hostname)  python: $($PY --version 2>&1)  cache: $CACHE ($(du -h "$CACHE" 2>/dev/null | cut -f1))"
+$PY - "$CACHE" "$OUT_DIR" "$MINUTES" "$DEVICE" "$@" <<'PYEOF'
+import json, os, sys, time
+import torch
+from soma_cli import train
+
+cache, out_dir, minutes, device = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+gpu = device != "cpu" and torch.cuda.is_available()
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", flush=True)
+ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+cfg = train.FitConfig(
+    steps=100000 if gpu else 40,
+    time_budget_min=minutes,
+    batch_size=12 if gpu else 2,
+    crop=512 if gpu else 128,
+    lr=1e-3,
+    seed=0,
+    threads=0 if gpu else 1,
+    device=device,
+    workers=max(min(ncpu - 2, 14), 0) if gpu else 0,
+    val_chip=512 if gpu else 128,
+    val_pairs=8 if gpu else 2,
+    val_every=300 if gpu else 20,
+    ckpt_every_s=60.0,
+)
+for kv in sys.argv[5:]:  # key=value overrides
+    k, v = kv.split("=", 1)
+    cur = getattr(cfg, k)
+    setattr(cfg, k, type(cur)(v))
+print("config", json.dumps(cfg.__dict__), flush=True)
+t0 = time.time()
+last = [0.0]
+
+def progress(done, total, info):
+    if time.time() - last[0] >= 15 or done == total:
+        last[0] = time.time()
+        print(f"step {done} loss {info.get('loss', float('nan')):.3f} lr {info['lr']:.2e} "
+              f"val_cmr1 {info.get('val_cmr1', float('nan')):.3f} "
+              f"val_median_rmse {info.get('val_median_rmse', float('nan')):.3f} t {time.time() - t0:.0f}s",
+              flush=True)
+
+res = train.fit(cache, out_dir, cfg, progress=progress)
+print("RESULT", json.dumps(res), flush=True)
+for name in ("model.pt", "best.pt", "ckpt.pt"):
+    p = os.path.join(out_dir, name)
+    if os.path.exists(p):
+        print(f"{name}: {os.path.getsize(p) / 1e6:.1f} MB", flush=True)
+PYEOF
+rc=$?
+# keep only weights-only files small enough to come back: the resumable ckpt.pt holds optimizer state too
+ls -la "$OUT_DIR"
+exit $rc

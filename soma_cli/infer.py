@@ -1,0 +1,72 @@
+"""Running the SOMA network on numpy tiles: the only numpy <-> torch bridge for inference."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+TILE_MULTIPLE = 32
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda")
+    return torch.device(device)
+
+
+def _pad_to(x: torch.Tensor, mult: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    ph = (-h) % mult
+    pw = (-w) % mult
+    if ph or pw:
+        x = F.pad(x, [0, pw, 0, ph])
+    return x
+
+
+def run_model(
+    model: torch.nn.Module,
+    opt: np.ndarray,
+    sar: np.ndarray,
+    opt_valid: Optional[np.ndarray] = None,
+    sar_valid: Optional[np.ndarray] = None,
+    batch_size: int = 4,
+    device: torch.device = torch.device("cpu"),
+    multiple: int = TILE_MULTIPLE,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``opt``/``sar`` float32 ``(B, H, W)`` standardised -> flow ``(B, 2, H, W)``, certainty
+    ``(B, H, W)``.  Tiles are padded (bottom/right, invalid) to a multiple of ``multiple`` and
+    cropped back; certainty is 0 where the optical pixel is invalid or its match lands on invalid
+    SAR."""
+    opt = np.asarray(opt, np.float32)
+    sar = np.asarray(sar, np.float32)
+    if opt.ndim != 3 or opt.shape != sar.shape:
+        raise ConfigError(f"optical {opt.shape} and SAR {sar.shape} tiles must be (B, H, W) of one shape")
+    b, h, w = opt.shape
+    vo = np.ones_like(opt, bool) if opt_valid is None else np.asarray(opt_valid, bool)
+    vs = np.ones_like(sar, bool) if sar_valid is None else np.asarray(sar_valid, bool)
+    vo = vo & np.isfinite(opt)
+    vs = vs & np.isfinite(sar)
+    flows = np.zeros((b, 2, h, w), np.float32)
+    certs = np.zeros((b, h, w), np.float32)
+    with torch.inference_mode():
+        for i in range(0, b, max(int(batch_size), 1)):
+            sl = slice(i, i + max(int(batch_size), 1))
+            to = torch.from_numpy(np.nan_to_num(opt[sl])).unsqueeze(1).to(device)
+            ts = torch.from_numpy(np.nan_to_num(sar[sl])).unsqueeze(1).to(device)
+            tvo = torch.from_numpy(vo[sl].astype(np.float32)).unsqueeze(1).to(device)
+            tvs = torch.from_numpy(vs[sl].astype(np.float32)).unsqueeze(1).to(device)
+            to, ts, tvo, tvs = (_pad_to(t, multiple) for t in (to, ts, tvo, tvs))
+            flow, cert = model(to * tvo, ts * tvs, tvo, tvs)
+            flows[sl] = flow[:, :, :h, :w].float().cpu().numpy()
+            certs[sl] = cert[:, 0, :h, :w].float().cpu().numpy()
+    certs = np.where(vo, certs, 0.0).astype(np.float32)
+    return flows, np.clip(certs, 0.0, 1.0)

@@ -1,0 +1,25 @@
+"""``--method soma``: the trained SOMA network (TorchScript weights) as a matcher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .. import infer
+from ..model.loader import load_weights
+
+
+class SomaMatcher:
+    """Matcher contract of :mod:`soma_cli.matchers` backed by the shipped (or given) weights."""
+
+    name = "soma"
+
+    def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4):
+        self.device = infer.resolve_device(device or "auto")
+        self.model, self.metadata = load_weights(weights, device=str(self.device))
+        self.batch_size = batch_size
+        self.multiple = int(self.metadata.get("tile_multiple", infer.TILE_MULTIPLE))
+
+    def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        return infer.run_model(self.model, opt, sar, opt_valid, sar_valid, batch_size=self.batch_size,
+                               device=self.device, multiple=self.multiple)

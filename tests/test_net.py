@@ -1,0 +1,145 @@
+"""SOMA network: shapes, oriented kernels, TorchScript export/loading, weights checks, inference."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from soma_cli import infer
+from soma_cli.errors import WeightsError
+from soma_cli.model import loader, net
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return net.build().eval()
+
+
+def test_oriented_kernels_are_exact_rotations():
+    for size in (3, 5):
+        gx, gy = net.sobel_pair(size)
+        k = net.oriented_kernels(size, [0.0, 45.0, 90.0, 135.0])
+        r = 1.0 / math.sqrt(2.0)
+        assert torch.allclose(k[0], gx, atol=1e-6)
+        assert torch.allclose(k[2], gy, atol=1e-6)
+        assert torch.allclose(k[1], r * (gx + gy), atol=1e-6)
+        assert torch.allclose(k[3], r * (gy - gx), atol=1e-6)
+    assert torch.equal(net.sobel_pair(3)[0], torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]))
+    fge = net.FGE(16, 4)
+    assert fge.k3.requires_grad and fge.k3.shape == (8, 3, 3) and fge.k5.shape == (8, 5, 5)
+    assert torch.allclose(fge.k3[4] * 8.0, net.sobel_pair(3)[1])
+
+
+def test_param_count(model):
+    assert 300_000 <= net.n_params(model) <= 1_500_000
+
+
+@pytest.mark.parametrize("b,size", [(2, 256), (1, 512)])
+def test_shapes_and_finite(model, b, size):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 1, size, size, generator=g)
+    y = torch.randn(b, 1, size, size, generator=g)
+    with torch.inference_mode():
+        flow, cert = model(x, y)
+    assert flow.shape == (b, 2, size, size) and cert.shape == (b, 1, size, size)
+    assert torch.isfinite(flow).all() and torch.isfinite(cert).all()
+    assert cert.min() >= 0 and cert.max() <= 1
+
+
+def test_training_outputs_and_gradients(model):
+    m = net.build().train()
+    x = torch.randn(1, 1, 128, 128)
+    out = m.run(x, x.clone())
+    for k in ("flow", "flow2", "flow4", "affine16", "affine8", "affine4", "logit", "global_logits"):
+        assert k in out and torch.isfinite(out[k]).all(), k
+    assert out["flow2"].shape[-1] == 64 and out["flow4"].shape[-1] == 32
+    out["flow"].abs().mean().backward()
+    assert m.enc_sar.fge1.k3.grad is not None
+
+
+def _export(model, path):
+    scripted = torch.jit.script(model)
+    scripted.save(str(path))
+    meta = {"sha256": loader.sha256_file(path), "version": "test", "tile_multiple": 32}
+    loader.metadata_path(path).write_text(json.dumps(meta))
+
+
+def test_export_loads_in_fresh_process(model, tmp_path):
+    w = tmp_path / "soma-test.pt"
+    _export(model, w)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 1, 256, 256, generator=g)
+    y = torch.randn(1, 1, 256, 256, generator=g)
+    torch.save({"x": x, "y": y}, tmp_path / "in.pt")
+    with torch.inference_mode():
+        ref, rc = model(x, y)
+    code = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from soma_cli.model.loader import load_weights\n"
+        f"m, meta = load_weights(r'{w}')\n"
+        f"d = torch.load(r'{tmp_path / 'in.pt'}')\n"
+        "with torch.inference_mode():\n"
+        "    f, c = m(d['x'], d['y'])\n"
+        f"torch.save({{'f': f, 'c': c}}, r'{tmp_path / 'out.pt'}')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+    got = torch.load(tmp_path / "out.pt")
+    assert torch.allclose(got["f"], ref, atol=1e-4)
+    assert torch.allclose(got["c"], rc, atol=1e-5)
+
+
+def test_weights_errors(model, tmp_path):
+    w = tmp_path / "soma-x.pt"
+    with pytest.raises(WeightsError, match="not found"):
+        loader.load_weights(w)
+    _export(model, w)
+    loader.load_weights(w)
+    meta = json.loads(loader.metadata_path(w).read_text())
+    meta["sha256"] = "0" * 64
+    loader.metadata_path(w).write_text(json.dumps(meta))
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        loader.load_weights(w)
+    # truncated file whose metadata matches: the TorchScript loader fails -> WeightsError
+    data = w.read_bytes()[:5000]
+    w.write_bytes(data)
+    loader.metadata_path(w).write_text(json.dumps({"sha256": loader.sha256_file(w)}))
+    with pytest.raises(WeightsError, match="cannot load"):
+        loader.load_weights(w)
+    loader.metadata_path(w).unlink()
+    with pytest.raises(WeightsError, match="metadata"):
+        loader.load_weights(w)
+
+
+def test_infer_pads_crops_and_masks(model):
+    rng = np.random.default_rng(0)
+    opt = rng.standard_normal((3, 100, 70)).astype(np.float32)
+    valid = np.ones_like(opt, bool)
+    valid[:, :, :10] = False
+    flow, cert = infer.run_model(model, opt, opt.copy(), valid, None, batch_size=2)
+    assert flow.shape == (3, 2, 100, 70) and cert.shape == (3, 100, 70)
+    assert np.isfinite(flow).all()
+    assert (cert[:, :, :10] == 0).all()
+
+
+def test_identical_inputs_zero_flow_with_shipped_weights():
+    w = loader.default_weights_path()
+    if not w.is_file():
+        pytest.skip(f"no shipped weights at {w}")
+    from soma_cli.matchers import get_matcher
+
+    m = get_matcher("soma", weights=w, device="cpu")
+    rng = np.random.default_rng(3)
+    from scipy import ndimage
+
+    img = ndimage.gaussian_filter(rng.standard_normal((256, 256)), 2).astype(np.float32)
+    img = (img - img.mean()) / img.std()
+    flow, cert = m.match(img[None], img[None].copy())
+    inner = flow[0][:, 32:-32, 32:-32]
+    assert np.median(np.hypot(inner[0], inner[1])) < 0.5
