@@ -281,6 +281,93 @@ def report_cmd(
     typer.echo(str(render(directory)))
 
 
+# ---- train / export -------------------------------------------------------------------------------
+
+
+@app.command("train")
+def train_cmd(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (sar/, opt/, pairs.csv) or a prepared cache .npz.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: cache, checkpoints (resumed if present), log.")],
+    prepare_only: Annotated[bool, typer.Option("--prepare-only", help="Only build the training cache.")] = False,
+    cache: Annotated[Optional[Path], typer.Option("--cache", help="Cache path (default OUT/cache.npz).")] = None,
+    clean: Annotated[str, typer.Option("--clean", help="Residual misregistration removal: gradient or none.")] = "gradient",
+    train_groups: Annotated[str, typer.Option("--train-groups", help="Comma-separated training groups.")] = "T11SMT",
+    val_groups: Annotated[str, typer.Option("--val-groups", help="Comma-separated validation groups.")] = "T11SLT",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Schedule length in steps.")] = 20000,
+    time_budget: Annotated[float, typer.Option("--time-budget", min=0, help="Minutes (0: none).")] = 0.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    crop: Annotated[int, typer.Option("--crop", min=64, help="Training crop (px, multiple of 32).")] = 256,
+    lr: Annotated[float, typer.Option("--lr", min=0)] = 1e-3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="Torch CPU threads (0: default).")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Data loader processes.")] = 0,
+    val_every: Annotated[int, typer.Option("--val-every", min=1)] = 200,
+    val_chip: Annotated[int, typer.Option("--val-chip", min=64)] = 256,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing cache.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+):
+    """Train the SOMA network: prepare a cache from DATA (needs rasterio), then fit (resumable)."""
+    from . import train as tr
+    from .errors import ConfigError
+
+    if crop % 32:
+        raise ConfigError("--crop must be a multiple of 32")
+    out.mkdir(parents=True, exist_ok=True)
+    if data.is_file() and data.suffix == ".npz":
+        cache_path = data
+    else:
+        cache_path = cache or (out / "cache.npz")
+        if overwrite or not cache_path.exists():
+            bar, update = _progress_bar(quiet, "prepare")
+            with bar:
+                meta = tr.prepare(data, cache_path, [g for g in train_groups.split(",") if g],
+                                  [g for g in val_groups.split(",") if g], clean=clean, overwrite=overwrite,
+                                  progress=update)
+            err_console.print(f"cache {cache_path}: {meta['bytes'] / 1e6:.1f} MB, "
+                              f"{len(meta['train_names'])} train / {len(meta['val_names'])} val pairs")
+        else:
+            err_console.print(f"using existing cache {cache_path}")
+    if prepare_only:
+        return
+    cfg = tr.FitConfig(steps=steps, time_budget_min=time_budget, batch_size=batch_size, crop=crop, lr=lr,
+                       seed=seed, threads=threads, device=device, workers=workers, val_every=val_every,
+                       val_chip=val_chip)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"), console=err_console, disable=quiet)
+    task = bar.add_task("train", total=steps, info="")
+
+    def update(done: int, total: int, info: dict):
+        txt = f"loss {info.get('loss', float('nan')):.3f}"
+        if "val_cmr1" in info:
+            txt += f"  val CMR@1px {info['val_cmr1']:.2f}  median RMSE {info['val_median_rmse']:.2f} px"
+        bar.update(task, completed=done, total=total, info=txt)
+
+    with bar:
+        res = tr.fit(cache_path, out, cfg, progress=update)
+    v = res["val"]
+    typer.echo(f"step {res['step']} ({res['stop']}): val CMR@1px {v['cmr1']:.3f}, median RMSE "
+               f"{v['median_rmse']:.3f} px; best {res['best_cmr1']:.3f}; checkpoints in {out}")
+
+
+@app.command("export")
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="model.pt / best.pt / ckpt.pt of soma train.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Weights file, e.g. weights/soma-0.1.0.pt.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    training_data: Annotated[str, typer.Option("--training-data", help="Recorded in the metadata.")] = "",
+    training_command: Annotated[str, typer.Option("--training-command", help="Recorded in the metadata.")] = "",
+):
+    """TorchScript-export a checkpoint with its metadata JSON (sha256), verified by reloading."""
+    from .train import export
+
+    meta = export(checkpoint, output, overwrite=overwrite, training_data=training_data,
+                  training_command=training_command)
+    typer.echo(f"{output} ({meta['params']} parameters, sha256 {meta['sha256'][:16]}...)")
+
+
 # ---- evaluate -------------------------------------------------------------------------------------
 
 
