@@ -1,0 +1,118 @@
+"""Training: cache preparation (with a stand-in cleaning matcher), fit, checkpoint, resume, export."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from soma_cli import train
+from soma_cli.errors import OutputError
+from soma_cli.model import loader
+
+
+class ShiftMatcher:
+    """Stand-in matcher: a constant residual (dx, dy) with full certainty."""
+
+    name = "shift"
+
+    def __init__(self, dx, dy):
+        self.d = (dx, dy)
+
+    def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        b, h, w = opt.shape
+        f = np.zeros((b, 2, h, w), np.float32)
+        f[:, 0], f[:, 1] = self.d
+        return f, np.ones((b, h, w), np.float32)
+
+
+def _write_dataset(root, n_per_group=2, size=160):
+    rasterio = pytest.importorskip("rasterio")
+    from rasterio.transform import from_origin
+    from scipy import ndimage
+
+    (root / "sar").mkdir(parents=True)
+    (root / "opt").mkdir()
+    rows = ["id,sar,opt,s2_scene"]
+    rng = np.random.default_rng(0)
+    k = 0
+    for group in ("T11SMT", "T11SLT"):
+        for _ in range(n_per_group):
+            name = f"{k:03d}"
+            k += 1
+            base = ndimage.gaussian_filter(rng.standard_normal((size, size)), 3)
+            base = (base - base.min()) / (base.max() - base.min())
+            opt = (np.stack([base, base * 0.9, base * 0.8]) * 250).astype(np.uint8)
+            sar = np.clip(base * 200 + rng.gamma(4, 5, base.shape), 1, 255).astype(np.uint8)
+            prof = dict(driver="GTiff", width=size, height=size, crs="EPSG:3395",
+                        transform=from_origin(0, 0, 10, 10), dtype="uint8")
+            with rasterio.open(root / "opt" / f"{name}.tif", "w", count=3, **prof) as d:
+                d.write(opt)
+            with rasterio.open(root / "sar" / f"{name}.tif", "w", count=1, **prof) as d:
+                d.write(sar, 1)
+            rows.append(f"{name},sar/{name}.tif,opt/{name}.tif,S2A_MSIL1C_X_N0209_R027_{group}_X.SAFE")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_smooth_residual_recovers_constant_and_clips():
+    f = np.zeros((2, 64, 64), np.float32)
+    f[0], f[1] = 1.5, -0.5
+    noisy = f.copy()
+    noisy[:, :8, :8] = 40.0  # outliers
+    sm = train.smooth_residual(noisy, np.ones((64, 64)), step=2)
+    assert np.allclose(sm[:, 32:, 32:], f[:, 32:, 32:], atol=0.05)
+    assert np.abs(train.smooth_residual(f * 10, np.ones((64, 64)))).max() <= 4.0
+
+
+def test_prepare_fit_resume_export(tmp_path):
+    data = _write_dataset(tmp_path / "data")
+    cache = tmp_path / "cache.npz"
+    ticks = []
+    meta = train.prepare(data, cache, crop=128, val_crop=128, matcher=ShiftMatcher(1.0, 0.0),
+                         min_support=0.1, progress=lambda d, n, i: ticks.append(d))
+    assert ticks[-1] == 4 and meta["train_names"] == ["000", "001"] and meta["val_names"] == ["002", "003"]
+    assert all(abs(v - 1.0) < 1e-3 for v in meta["clean_mean_shift_px"].values())
+    with pytest.raises(OutputError):
+        train.prepare(data, cache, matcher=ShiftMatcher(0, 0))
+    c = train.load_cache(cache)
+    assert c["train_opt"].shape == (2, 128, 128) and c["train_opt"].dtype == np.uint8
+    assert c["train_valid"].dtype == bool and c["train_valid"].shape == (2, 128, 128)
+    # cleaning resampled the SAR by +1 px in x: the cleaned SAR at column c is the raw SAR at c+1
+    import rasterio
+
+    with rasterio.open(data / "sar" / "000.tif") as d:
+        raw = d.read(1).astype(np.float32)
+    crop = raw[16:144, 16:144]
+    shifted = raw[16:144, 17:145]
+    got = c["train_sar"][0].astype(np.float32)
+    assert np.abs(got - shifted).mean() < np.abs(got - crop).mean() / 3
+
+    cfg = train.FitConfig(steps=4, batch_size=2, crop=64, threads=1, device="cpu", val_chip=64, val_pairs=2,
+                          val_every=2, ckpt_every_s=0.0)
+    out = tmp_path / "run"
+    progress = []
+    res = train.fit(cache, out, cfg, progress=lambda d, n, i: progress.append((d, n, i)))
+    assert res["step"] == 4 and progress[-1][0] == 4 and "val_cmr1" in progress[-1][2]
+    assert 0.0 <= res["val"]["cmr1"] <= 1.0 and np.isfinite(res["val"]["median_rmse"])
+    for name in ("ckpt.pt", "model.pt", "best.pt", "log.jsonl"):
+        assert (out / name).is_file()
+    # resume: a longer schedule continues from step 4
+    cfg.steps = 6
+    res2 = train.fit(cache, out, cfg)
+    assert res2["step"] == 6
+    steps = [json.loads(line).get("step") for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps.count(5) == 1 and steps.count(1) == 1
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["step"] == 6
+    # time budget stops early
+    cfg.steps, cfg.time_budget_min = 1000, 0.001
+    res3 = train.fit(cache, out, cfg)
+    assert res3["stop"] == "time budget" and res3["step"] < 1000
+    # export -> TorchScript + metadata, loadable by the loader
+    w = tmp_path / "soma-t.pt"
+    meta = train.export(out / "model.pt", w, training_data="tiny")
+    model, m2 = loader.load_weights(w)
+    assert m2["sha256"] == meta["sha256"] == loader.sha256_file(w) and m2["tile_multiple"] == 32
+    with pytest.raises(OutputError):
+        train.export(out / "model.pt", w)
