@@ -49,6 +49,17 @@ for kv in sys.argv[5:]:  # key=value overrides
     k, v = kv.split("=", 1)
     cur = getattr(cfg, k)
     setattr(cfg, k, type(cur)(v))
+if cfg.workers > 0:  # each in-flight batch sits in /dev/shm: keep the loader within its size
+    try:
+        st = os.statvfs("/dev/shm")
+        shm = st.f_bavail * st.f_frsize
+    except OSError:
+        shm = 0
+    per_batch = cfg.batch_size * cfg.crop * cfg.crop * 6 * 4
+    fit_workers = int(0.5 * shm // (2 * per_batch))
+    if fit_workers < cfg.workers:
+        print(f"/dev/shm has {shm / 1e9:.2f} GB free: workers {cfg.workers} -> {max(fit_workers, 0)}", flush=True)
+        cfg.workers = max(fit_workers, 0)
 print("config", json.dumps(cfg.__dict__), flush=True)
 t0 = time.time()
 last = [0.0]
@@ -61,7 +72,16 @@ def progress(done, total, info):
               f"val_median_rmse {info.get('val_median_rmse', float('nan')):.3f} t {time.time() - t0:.0f}s",
               flush=True)
 
-res = train.fit(cache, out_dir, cfg, progress=progress)
+try:
+    res = train.fit(cache, out_dir, cfg, progress=progress)
+except Exception as exc:  # e.g. a data-loader worker failure: resume from the last checkpoint in-process
+    import traceback
+    traceback.print_exc()
+    left = minutes - (time.time() - t0) / 60.0 - 0.5
+    print(f"fit failed ({type(exc).__name__}); resuming without workers for {left:.1f} min", flush=True)
+    cfg.workers = 0
+    cfg.time_budget_min = max(left, 0.05)
+    res = train.fit(cache, out_dir, cfg, progress=progress)
 print("RESULT", json.dumps(res), flush=True)
 for name in ("model.pt", "best.pt", "ckpt.pt"):
     p = os.path.join(out_dir, name)
