@@ -3,9 +3,11 @@
 Two entry points, both numpy + matplotlib (Agg backend, no display needed):
 
 * :func:`tile_scores` scores one tile: median flow, mean certainty, and a similarity score before
-  and after correction. The similarity is the normalised cross-correlation (NCC, in [-1, 1]) of the
-  Gaussian-smoothed (sigma 1.5 px) *gradient magnitudes* of the reference and the moving image over the valid pixels: SAR and
-  optical intensities are not comparable, their edges are. A correct registration should raise it.
+  and after correction. The similarity is the normalised cross-correlation (NCC, in [-1, 1]) of
+  the Gaussian-smoothed (sigma 1.5 px) *gradient magnitudes* of the reference and the moving
+  image, over the pixels valid in all three images (so before and after compare the same
+  pixels): SAR and optical intensities are not comparable, their edges are. A correct
+  registration should raise it.
 * :func:`write_products` writes the scene-level pictures and tables into a QA folder and returns
   the summary dict (also written as ``summary.json``).
 
@@ -61,40 +63,41 @@ PRODUCTS = (
 # ----------------------------------------------------------------------------- scores
 
 
-def _gradient_magnitude(img: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian gradient magnitude (sigma :data:`GRAD_SIGMA`, damps speckle) and the pixels whose
-    neighbourhood is valid."""
-    x = np.asarray(img, dtype=np.float64)
+def _gradient_magnitude(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Gaussian gradient magnitude (sigma :data:`GRAD_SIGMA`, damps speckle); invalid pixels are
+    filled with the valid mean first."""
+    x = np.asarray(img, dtype=np.float32)
     fill = float(np.mean(x[valid])) if valid.any() else 0.0
-    x = np.where(valid, x, fill)
-    g = ndimage.gaussian_gradient_magnitude(x, GRAD_SIGMA, mode="nearest")
-    inner = ndimage.binary_erosion(valid, structure=np.ones((3, 3), bool), iterations=3, border_value=1)
-    return g, inner
+    return ndimage.gaussian_gradient_magnitude(np.where(valid, x, fill), GRAD_SIGMA, mode="nearest")
+
+
+def _ncc(u: np.ndarray, v: np.ndarray) -> float:
+    u = u.astype(np.float64) - u.mean()
+    v = v.astype(np.float64) - v.mean()
+    den = math.sqrt(float(np.dot(u, u)) * float(np.dot(v, v)))
+    return float(np.dot(u, v) / den) if den > 1e-12 else float("nan")
+
+
+def gradient_nccs(ref: np.ndarray, movs: Sequence[np.ndarray], valid: Optional[np.ndarray] = None) -> List[float]:
+    """NCC of the gradient magnitude of ``ref`` with that of each of ``movs``, all over the SAME
+    pixels: ``valid`` and finite in every image, away (3 px) from invalid ones. NaN when fewer
+    than :data:`MIN_VALID` pixels are usable or an image is flat there."""
+    ref = np.asarray(ref, np.float32)
+    ok = np.isfinite(ref)
+    for m in movs:
+        ok &= np.isfinite(m)
+    if valid is not None:
+        ok &= np.asarray(valid, bool)
+    inner = ndimage.minimum_filter(ok.view(np.uint8), size=7, mode="constant", cval=1).astype(bool)
+    if inner.sum() < MIN_VALID:
+        return [float("nan")] * len(movs)
+    g = _gradient_magnitude(ref, ok)[inner]
+    return [_ncc(g, _gradient_magnitude(np.asarray(m, np.float32), ok)[inner]) for m in movs]
 
 
 def gradient_ncc(a: np.ndarray, b: np.ndarray, valid: Optional[np.ndarray] = None) -> float:
-    """NCC of the gradient magnitudes of ``a`` and ``b`` over ``valid`` (and finite) pixels.
-
-    NaN when fewer than :data:`MIN_VALID` pixels are usable or a side is constant.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if valid is not None:
-        ok &= np.asarray(valid, bool)
-    if ok.sum() < MIN_VALID:
-        return float("nan")
-    ga, ia = _gradient_magnitude(a, ok)
-    gb, ib = _gradient_magnitude(b, ok)
-    m = ia & ib
-    if m.sum() < MIN_VALID:
-        return float("nan")
-    u = ga[m] - ga[m].mean()
-    v = gb[m] - gb[m].mean()
-    den = math.sqrt(float(np.sum(u * u)) * float(np.sum(v * v)))
-    if den <= 1e-12:
-        return float("nan")
-    return float(np.sum(u * v) / den)
+    """NCC of the gradient magnitudes of ``a`` and ``b`` (see :func:`gradient_nccs`)."""
+    return gradient_nccs(a, [b], valid)[0]
 
 
 def tile_scores(
@@ -130,8 +133,7 @@ def tile_scores(
                    similarity_before=nan, similarity_after=nan, degraded=False)
         return out
     dx, dy = flow[0][ok], flow[1][ok]
-    before = gradient_ncc(ref, mov_before, ok)
-    after = gradient_ncc(ref, mov_after, ok)
+    before, after = gradient_nccs(ref, [mov_before, mov_after], ok)
     out.update(
         median_dx=float(np.median(dx)),
         median_dy=float(np.median(dy)),
@@ -229,11 +231,14 @@ def _write_csv(path: Path, rows: Iterable[dict], fields: Sequence[str]) -> Path:
     return atomic_write(path, lambda fh: fh.write(data))
 
 
+_PNG = {"compress_level": 1}  # fast zlib: the products are for viewing, not archiving
+
+
 def _save_fig(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100, bbox_inches="tight"))
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100, bbox_inches="tight", pil_kwargs=_PNG))
     finally:
         plt.close(fig)
 
@@ -242,7 +247,7 @@ def _save_rgb(rgb: np.ndarray, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rgb = np.clip(rgb, 0.0, 1.0)
-    return atomic_write(path, lambda fh: plt.imsave(fh, rgb, format="png"))
+    return atomic_write(path, lambda fh: plt.imsave(fh, rgb, format="png", pil_kwargs=_PNG))
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -299,10 +304,12 @@ def _flow_figure(flow: np.ndarray, certainty: Optional[np.ndarray], scale: float
     keep = np.isfinite(u) & np.isfinite(v)
     if certainty is not None:
         keep &= np.nan_to_num(certainty[ys, xs]) > 0.05
-    if keep.any():
-        # arrows point from the reference pixel towards its match in the moving image
+    amax = float(np.max(np.hypot(u[keep], v[keep]))) if keep.any() else 0.0
+    if amax > 1e-6:
+        # arrows point from the reference pixel towards its match in the moving image; the longest
+        # spans 0.9 grid cells (so arrow length is relative, the colour bar gives pixels)
         ax.quiver(xs[keep], ys[keep], u[keep], v[keep], color="cyan", angles="xy", scale_units="xy",
-                  scale=None, width=0.003)
+                  scale=amax / (0.9 * step), width=0.003)
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cb.set_label("|flow| (reference pixels)")
     med = float(np.median(finite)) if finite.size else float("nan")
@@ -399,6 +406,7 @@ def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict]) -> d
     scored = [r for r in rows if _finite(r.get("similarity_before")) and _finite(r.get("similarity_after"))]
     sim_b = _median(r["similarity_before"] for r in scored)
     sim_a = _median(r["similarity_after"] for r in scored)
+    scene_sim = gradient_nccs(ref, [before, after], valid)
     mv = mag[np.isfinite(mag)]
     cv = cert_v[np.isfinite(cert_v)]
     n_out = sum(1 for r in rows if r["outlier"])
@@ -410,8 +418,8 @@ def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict]) -> d
         "similarity_gain": sim_a - sim_b,
         "tiles_improved_share": (sum(1 for r in scored if r["similarity_after"] > r["similarity_before"])
                                  / len(scored)) if scored else float("nan"),
-        "scene_similarity_before": gradient_ncc(ref, before, valid),
-        "scene_similarity_after": gradient_ncc(ref, after, valid & np.isfinite(after)),
+        "scene_similarity_before": scene_sim[0],
+        "scene_similarity_after": scene_sim[1],
         "outlier_tiles": n_out,
         "outlier_share": n_out / len(rows) if rows else float("nan"),
         "degraded_tiles": sum(1 for r in rows if r.get("degraded")),

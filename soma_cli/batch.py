@@ -1,0 +1,529 @@
+"""``soma batch``: register many SAR/optical pairs in parallel on a Dask cluster, resumably.
+
+Inputs
+------
+* a manifest CSV with columns ``sar``, ``opt`` (paths, relative ones resolved against the
+  manifest's folder), optional ``id`` (default: the SAR file stem) and optional per-row options
+  :data:`ROW_OPTIONS` (``reference``, ``method``, ``mode``, ``bands`` as ``"4 3 2"`` or ``"4,3,2"``,
+  ``sar_scale``, ``tile_size``, ``overlap``, ``weights``); an empty cell uses the batch-wide value.
+  Other columns are ignored (so a dataset's ``pairs.csv`` works as a manifest).
+* or two globs, paired by a key: by default the file name without its ``.tif``/``.tiff``
+  extension; with ``key_regex`` the regex is searched in the file name and the key is its group
+  ``key`` if named, else group 1, else the whole match (e.g. ``(\\d{8})`` pairs by a date).
+
+Outputs (``OUT_DIR``)
+---------------------
+``<id>/aligned.tif``, ``<id>/flow.tif``, ``<id>/qa/`` (from :func:`soma_cli.pipeline.register`),
+``<id>/done.json`` (written atomically LAST: the outputs and their sizes plus the result), or
+``<id>/failed.json`` (the error) and ``runlog.jsonl`` (one JSON line per pair and run).
+
+Resuming
+--------
+A pair is *done* when ``done.json`` parses and every output it lists exists with the recorded
+size; done pairs are skipped. A pair with ``failed.json`` is skipped too unless
+``retry_failed`` (a corrupt input would only fail again). Anything else (never run, or killed
+mid-run: outputs without ``done.json``, stray temporary files) is run again from scratch.
+``overwrite`` reruns every pair.
+
+Parallelism
+-----------
+A local cluster of ``workers`` processes with one thread each, or an existing cluster
+(``scheduler="tcp://host:port"``; the inputs and ``OUT_DIR`` must then be visible at the same
+paths on every worker). Each worker builds a matcher once (a :class:`MatcherCache` worker plugin)
+and reuses it for all its pairs.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .errors import ConfigError, InputError, OutputError, SomaError
+from .qa import write_json
+
+ROW_OPTIONS = ("reference", "method", "mode", "bands", "sar_scale", "tile_size", "overlap", "weights")
+OUTPUTS = ("aligned.tif", "flow.tif")
+DONE = "done.json"
+FAILED = "failed.json"
+RUNLOG = "runlog.jsonl"
+PLUGIN_NAME = "soma-matcher-cache"
+
+_CHOICES = {"reference": ("opt", "sar"), "mode": ("dense", "affine")}
+_ID_BAD = re.compile(r"[^A-Za-z0-9._-]+")
+_EXTS = (".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class BatchPair:
+    """One pair to register: its id (folder name in OUT_DIR), inputs and per-pair options."""
+
+    id: str
+    sar: Path
+    opt: Path
+    options: Dict[str, object] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _clean_id(raw: str, where: str) -> str:
+    pid = _ID_BAD.sub("_", raw.strip()).strip("_")
+    if not pid or pid.startswith("."):
+        raise ConfigError(f"{where}: unusable pair id {raw!r}")
+    return pid
+
+
+def parse_bands(text: str) -> Tuple[int, ...]:
+    """``"4 3 2"`` / ``"4,3,2"`` -> ``(4, 3, 2)`` (1-based band numbers)."""
+    parts = [p for p in re.split(r"[\s,;]+", str(text).strip()) if p]
+    try:
+        bands = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"bad band list {text!r}: expected integers like '4,3,2'") from None
+    if not bands or min(bands) < 1:
+        raise ConfigError(f"bad band list {text!r}: band numbers start at 1")
+    return bands
+
+
+def check_options(opts: Dict[str, object], where: str) -> Dict[str, object]:
+    """Validate and convert option values (``method``, ``mode``, ``reference``, ``bands``, ...)."""
+    from .matchers import MATCHERS
+
+    out: Dict[str, object] = {}
+    for key, value in opts.items():
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if key in _CHOICES:
+            value = str(value).strip()
+            if value not in _CHOICES[key]:
+                raise ConfigError(f"{where}: {key} must be one of {', '.join(_CHOICES[key])}, not {value!r}")
+        elif key == "method":
+            value = str(value).strip()
+            if value not in MATCHERS:
+                raise ConfigError(f"{where}: unknown method {value!r}; expected one of {', '.join(MATCHERS)}")
+        elif key == "bands":
+            value = parse_bands(value) if isinstance(value, str) else tuple(int(b) for b in value)
+        elif key in ("tile_size", "overlap"):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{where}: {key} must be an integer, not {value!r}") from None
+        elif key == "weights":
+            value = Path(value)
+        elif key == "sar_scale":
+            value = str(value).strip()
+        out[key] = value
+    return out
+
+
+def read_manifest(path: Path) -> List[BatchPair]:
+    """Read a manifest CSV (see the module docstring). Raises :class:`ConfigError` when malformed."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+    reader = csv.DictReader(text.splitlines())
+    cols = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in ("sar", "opt") if c not in cols]
+    if missing:
+        raise ConfigError(f"{path}: manifest lacks column(s) {', '.join(missing)} (has: {', '.join(cols) or 'none'})")
+    base = path.parent
+    pairs: List[BatchPair] = []
+    for i, raw in enumerate(reader, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()}
+        where = f"{path}:{i}"
+        if not row.get("sar") or not row.get("opt"):
+            raise ConfigError(f"{where}: empty sar or opt path")
+        sar, opt = base / row["sar"], base / row["opt"]
+        pid = _clean_id(row.get("id") or Path(row["sar"]).stem, where)
+        options = check_options({k: row.get(k) for k in ROW_OPTIONS if k in row}, where)
+        if "weights" in options and not Path(options["weights"]).is_absolute():
+            options["weights"] = base / options["weights"]
+        pairs.append(BatchPair(pid, sar, opt, options))
+    _check_unique(pairs, str(path))
+    return pairs
+
+
+def _check_unique(pairs: Sequence[BatchPair], where: str) -> None:
+    if not pairs:
+        raise ConfigError(f"{where}: no pairs")
+    seen: Dict[str, int] = {}
+    for p in pairs:
+        seen[p.id] = seen.get(p.id, 0) + 1
+    dup = sorted(k for k, v in seen.items() if v > 1)
+    if dup:
+        raise ConfigError(f"{where}: duplicate pair id(s) {', '.join(dup[:5])}; add an 'id' column")
+
+
+def _key(name: str, regex: Optional[re.Pattern]) -> Optional[str]:
+    if regex is None:
+        low = name.lower()
+        for ext in _EXTS:
+            if low.endswith(ext):
+                return name[: -len(ext)]
+        return Path(name).stem
+    m = regex.search(name)
+    if not m:
+        return None
+    if "key" in regex.groupindex:
+        return m.group("key")
+    return m.group(1) if regex.groups else m.group(0)
+
+
+def pairs_from_globs(
+    sar_glob: str, opt_glob: str, key_regex: Optional[str] = None
+) -> Tuple[List[BatchPair], List[Path]]:
+    """Pair the files of two globs by key (see the module docstring).
+
+    Returns the pairs (sorted by id) and the files that found no partner (or no key)."""
+    try:
+        regex = re.compile(key_regex) if key_regex else None
+    except re.error as exc:
+        raise ConfigError(f"bad --key-regex {key_regex!r}: {exc}") from None
+    sides = []
+    unmatched: List[Path] = []
+    for label, pattern in (("sar", sar_glob), ("opt", opt_glob)):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p))
+        if not files:
+            raise InputError(f"--{label}-glob {pattern!r} matches no file")
+        keyed: Dict[str, Path] = {}
+        for f in files:
+            k = _key(f.name, regex)
+            if k is None:
+                unmatched.append(f)
+                continue
+            if k in keyed:
+                raise ConfigError(f"--{label}-glob: key {k!r} matches both {keyed[k]} and {f}; "
+                                  "use --key-regex to tell them apart")
+            keyed[k] = f
+        sides.append(keyed)
+    sars, opts = sides
+    for k in sorted(set(sars) ^ set(opts)):
+        unmatched.append(sars.get(k) or opts[k])
+    pairs = [BatchPair(_clean_id(k, "key"), sars[k], opts[k]) for k in sorted(set(sars) & set(opts))]
+    if not pairs:
+        raise InputError(f"no SAR/optical files share a key ({len(unmatched)} unmatched file(s))")
+    _check_unique(pairs, "glob pairing")
+    return pairs, unmatched
+
+
+# ----------------------------------------------------------------------------- state on disk
+
+
+def _output_sizes(pair_dir: Path) -> Dict[str, int]:
+    """Sizes of the pair's products (outputs + QA files), by path relative to ``pair_dir``."""
+    sizes = {}
+    for name in OUTPUTS:
+        p = pair_dir / name
+        if p.is_file():
+            sizes[name] = p.stat().st_size
+    qa = pair_dir / "qa"
+    if qa.is_dir():
+        for p in sorted(qa.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                sizes[p.relative_to(pair_dir).as_posix()] = p.stat().st_size
+    return sizes
+
+
+def is_done(pair_dir: Path) -> bool:
+    """True when ``done.json`` is valid and every output it lists exists with its recorded size."""
+    try:
+        done = json.loads((Path(pair_dir) / DONE).read_text())
+        outputs = done["outputs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if not isinstance(outputs, dict) or not all(n in outputs for n in OUTPUTS):
+        return False
+    for rel, size in outputs.items():
+        p = Path(pair_dir) / rel
+        try:
+            if p.stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def pair_state(pair_dir: Path) -> str:
+    """``done``, ``failed`` (``failed.json`` and not done) or ``todo``."""
+    if is_done(pair_dir):
+        return "done"
+    if (Path(pair_dir) / FAILED).is_file():
+        return "failed"
+    return "todo"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(Path(path).read_text())
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+class MatcherCache(WorkerPlugin):
+    """Worker plugin holding the worker's matchers, built on first use and kept for later pairs."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self) -> None:
+        self.matchers: Dict[tuple, object] = {}
+
+    def setup(self, worker) -> None:
+        self.matchers = {}
+
+    def teardown(self, worker) -> None:
+        self.matchers.clear()
+
+    def get(self, method: str, weights, device: str) -> Tuple[object, bool]:
+        """(matcher, cached): ``cached`` is False when this call built it."""
+        key = (method, str(weights) if weights else None, device)
+        if key in self.matchers:
+            return self.matchers[key], True
+        from .matchers import get_matcher
+
+        m = get_matcher(method, weights=weights, device=device)
+        self.matchers[key] = m
+        return m, False
+
+
+def _worker_matcher(method: str, weights, device: str) -> Tuple[object, bool, str]:
+    """The calling worker's cached matcher (built once per worker); outside a worker, a fresh one."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except ValueError:
+        worker = None
+    cache = worker.plugins.get(PLUGIN_NAME) if worker is not None else None
+    if cache is None:
+        cache = MatcherCache()
+    m, cached = cache.get(method, weights, device)
+    return m, cached, (worker.address if worker is not None else "local")
+
+
+def _flat_qa(qa: Optional[dict]) -> dict:
+    qa = qa or {}
+    return {
+        "similarity_before": qa.get("similarity_before_median"),
+        "similarity_after": qa.get("similarity_after_median"),
+        "outlier_share": qa.get("outlier_share"),
+    }
+
+
+def _fail_record(job: dict, error: str, seconds: float) -> dict:
+    return {"id": job["id"], "status": "failed", "error": error, "seconds": round(seconds, 3),
+            "sar": job["sar"], "opt": job["opt"]}
+
+
+def run_pair(job: dict) -> dict:
+    """Register one pair into ``job['pair_dir']`` (runs on a worker). Never raises for a pair
+    failure: returns a record with ``status`` ``ok`` or ``failed`` and the error message."""
+    from .pipeline import RegisterOptions, register
+
+    t0 = time.perf_counter()
+    pair_dir = Path(job["pair_dir"])
+    opts = dict(job["options"])
+    try:
+        pair_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (DONE, FAILED):
+            (pair_dir / stale).unlink(missing_ok=True)
+        _remove_temp_files(pair_dir)
+        method = str(opts.get("method", "gradient"))
+        matcher, cached, worker = _worker_matcher(method, opts.get("weights"), str(opts.get("device", "auto")))
+        ropts = RegisterOptions(
+            sar=Path(job["sar"]), opt=Path(job["opt"]), out=pair_dir / "aligned.tif",
+            flow_out=pair_dir / "flow.tif", qa_out=pair_dir / "qa", overwrite=True, **opts,
+        )
+        result = register(ropts, matcher=matcher).to_dict()
+        seconds = time.perf_counter() - t0
+        rec = {
+            "id": job["id"], "status": "ok", "error": None, "seconds": round(seconds, 3),
+            "median_flow": result.get("median_flow"), "certainty_coverage": result.get("certainty_coverage"),
+            "affine": result.get("affine"), "affine_rmse": result.get("affine_rmse"),
+            **_flat_qa(result.get("qa")), "qa": result.get("qa"), "tiles": result.get("tiles"),
+            "worker": worker, "matcher_cached": cached, "sar": job["sar"], "opt": job["opt"],
+        }
+        # LAST: the marker that makes the pair count as done on a rerun
+        write_json(pair_dir / DONE, {"id": job["id"], "finished": _now(), "sar": job["sar"], "opt": job["opt"],
+                                     "options": opts, "outputs": _output_sizes(pair_dir), "result": result})
+        return rec
+    except SomaError as exc:
+        rec = _fail_record(job, str(exc), time.perf_counter() - t0)
+    except Exception as exc:  # a bug or an unexpected library error: keep the batch going
+        rec = _fail_record(job, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0)
+    _write_failed(pair_dir, rec)
+    return rec
+
+
+def _remove_temp_files(pair_dir: Path) -> None:
+    """Delete hidden temporary files a killed run left in the pair's folders (``.NAME.*.tmp*``)."""
+    for folder in (pair_dir, pair_dir / "qa"):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp*"):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
+
+
+def _write_failed(pair_dir: Path, rec: dict) -> None:
+    try:
+        pair_dir.mkdir(parents=True, exist_ok=True)
+        write_json(pair_dir / FAILED, {**rec, "finished": _now()})
+    except OSError:
+        pass  # the run log still records the failure
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class BatchResult:
+    out_dir: Path
+    records: List[dict]
+    seconds: float
+
+    def counts(self) -> Dict[str, int]:
+        c = {"ok": 0, "failed": 0, "skipped": 0}
+        for r in self.records:
+            c[r["status"]] = c.get(r["status"], 0) + 1
+        return c
+
+
+def _append_log(path: Path, rec: dict) -> None:
+    from .qa import _jsonable
+
+    line = json.dumps(_jsonable(rec), allow_nan=False) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and not overwrite and not (out_dir / RUNLOG).is_file() and any(out_dir.iterdir()):
+        raise OutputError(f"{out_dir}: not empty and not a soma batch folder (no {RUNLOG}); use --overwrite")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot create ({exc.strerror})") from None
+
+
+def run_batch(
+    pairs: Sequence[BatchPair],
+    out_dir: Path,
+    options: Optional[dict] = None,
+    workers: int = 1,
+    scheduler: Optional[str] = None,
+    retry_failed: bool = False,
+    overwrite: bool = False,
+    progress: Optional[Callable[[int, int, dict], None]] = None,
+    client=None,
+    processes: bool = True,
+) -> BatchResult:
+    """Run ``pairs`` into ``out_dir``; see the module docstring for resuming and parallelism.
+
+    ``options``: batch-wide :class:`~soma_cli.pipeline.RegisterOptions` fields (``method``,
+    ``mode``, ``device``, ``threads``, ...), overridden per pair by the manifest. ``client``: an
+    existing ``distributed.Client`` (tests); else ``scheduler`` or a new local cluster of
+    ``workers`` processes (threads when ``processes=False``), one thread each.
+    ``progress(done, total, record)`` is called after each pair (skipped ones included).
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    _check_unique(pairs, "batch")
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    base = check_options(dict(options or {}), "batch options")
+    base.setdefault("threads", 1)
+    _check_out_dir(out_dir, overwrite)
+    log = out_dir / RUNLOG
+    run_id = _now()
+    total = len(pairs)
+    records: List[dict] = []
+
+    def finish(rec: dict) -> None:
+        rec = {"run": run_id, "time": _now(), **rec}
+        _append_log(log, rec)
+        records.append(rec)
+        if progress is not None:
+            progress(len(records), total, rec)
+
+    jobs = []
+    for p in pairs:
+        state = "todo" if overwrite else pair_state(out_dir / p.id)
+        if state == "done" or (state == "failed" and not retry_failed):
+            prev = _read_json(out_dir / p.id / (DONE if state == "done" else FAILED))
+            res = prev.get("result") or {}
+            finish({"id": p.id, "status": "skipped", "error": None if state == "done" else prev.get("error"),
+                    "reason": "done" if state == "done" else "failed before (use --retry-failed)",
+                    "seconds": 0.0, "median_flow": res.get("median_flow"),
+                    "certainty_coverage": res.get("certainty_coverage"), "affine": res.get("affine"),
+                    "affine_rmse": res.get("affine_rmse"), **_flat_qa(res.get("qa"))})
+            continue
+        jobs.append({"id": p.id, "sar": str(p.sar), "opt": str(p.opt), "pair_dir": str(out_dir / p.id),
+                     "options": {**base, **p.options}})
+
+    if jobs:
+        _run_jobs(jobs, finish, workers, scheduler, client, processes)
+    return BatchResult(out_dir, records, time.perf_counter() - t0)
+
+
+def _run_jobs(jobs, finish, workers, scheduler, client, processes) -> None:
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = own_client = None
+    try:
+        if client is None:
+            if scheduler:
+                try:
+                    own_client = Client(scheduler, timeout="20s")
+                except (OSError, TimeoutError) as exc:
+                    raise ConfigError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
+            else:
+                cluster = LocalCluster(n_workers=min(workers, len(jobs)), threads_per_worker=1,
+                                       processes=processes, dashboard_address=None,
+                                       # no dashboard; its HTTP health server on a free port
+                                       scheduler_kwargs={"dashboard_address": ":0"},
+                                       silence_logs=logging.ERROR)
+                own_client = Client(cluster)
+            client = own_client
+        client.register_plugin(MatcherCache(), name=PLUGIN_NAME)
+        futures = {}
+        for job in jobs:
+            fut = client.submit(run_pair, job, key=f"soma-pair-{job['id']}-{time.time_ns()}", pure=False)
+            futures[fut] = job
+        for fut in as_completed(list(futures)):
+            job = futures[fut]
+            try:
+                rec = fut.result()
+            except Exception as exc:  # the worker died (memory, kill) or the task could not run
+                rec = _fail_record(job, f"{type(exc).__name__}: {exc}", math.nan)
+                _write_failed(Path(job["pair_dir"]), rec)
+            finish(rec)
+    finally:
+        if own_client is not None:
+            own_client.close()
+        if cluster is not None:
+            cluster.close()
