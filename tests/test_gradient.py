@@ -121,7 +121,7 @@ def real_crop(shared_data):
     opt = pp.standardise(pp.optical_to_gray(pp.select_bands(pair.opt[:, r0:r0 + CROP, c0:c0 + CROP])))
     sar_log = pp.sar_to_log(pair.sar[r0:r0 + CROP, c0:c0 + CROP])
     matcher = GradientMatcher()
-    f0, c0_ = matcher.match(opt[None], pp.standardise(sar_log)[None])
+    f0, _ = matcher.match(opt[None], pp.standardise(sar_log)[None])
     return matcher, opt, sar_log, f0[0]
 
 

@@ -7,10 +7,12 @@ zero-normalised cross-correlation (ZNCC) of these descriptors, always computed w
 
 1. **Coarse global search** at about 128 px: the SAR is rotated by a set of hypotheses
    (``-max_rotation_deg .. +max_rotation_deg``); each is correlated against the optical over the
-   whole tile (masked NCC), the best peak gives rotation + translation.
-2. **Affine refinement**: the SAR is warped by the current affine, a grid of large windows is
-   matched within a search radius, and a robust weighted affine (:func:`coords.fit_affine_np`) of
-   the window shifts is composed onto the current one (twice).
+   whole tile (masked NCC); the best peaks of distinct rotations are kept as candidates.
+2. **Verification and affine refinement**: each candidate is checked at ~256 px by window
+   matching (the one whose robust affine fit has the most inlier window weight wins and is refined
+   by that fit), then once more at full resolution: the SAR is warped by the current affine, a grid
+   of large windows is matched within a search radius, and a robust weighted affine
+   (:func:`coords.fit_affine_np`) of the window shifts is composed onto the current one.
 3. **Local field**: a denser grid of smaller windows gives sub-pixel residual shifts (parabolic peak
    fit); outliers are rejected (peak quality, distinctiveness, median consistency), the shifts are
    smoothed by normalised Gaussian convolution on the window grid (shrinking towards the affine
