@@ -408,6 +408,11 @@ class BatchResult:
             c[r["status"]] = c.get(r["status"], 0) + 1
         return c
 
+    def has_failures(self) -> bool:
+        """True when a pair failed in this run or was skipped because it failed before."""
+        return any(r["status"] == "failed" or (r["status"] == "skipped" and r.get("reason") != "done")
+                   for r in self.records)
+
 
 def _append_log(path: Path, rec: dict) -> None:
     from .qa import _jsonable

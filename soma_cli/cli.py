@@ -205,7 +205,7 @@ def batch_cmd(
     """Register many pairs in parallel (Dask), resumably: done pairs are skipped on a rerun.
 
     Per pair: OUT_DIR/ID/aligned.tif, flow.tif, qa/, and done.json (written last) or failed.json;
-    OUT_DIR/runlog.jsonl gets one JSON line per pair. Exit code 1 when a pair failed.
+    OUT_DIR/runlog.jsonl gets one JSON line per pair. Exit code 1 when a pair failed (now or before).
     """
     import os
 
@@ -238,8 +238,8 @@ def batch_cmd(
         page = render(out_dir)
     if not quiet:
         _print_batch_table(result, page)
-    if result.counts().get("failed"):
-        raise typer.Exit(1)
+    if result.has_failures():
+        raise SystemExit(1)  # not typer.Exit: app(standalone_mode=False) returns that code unseen
 
 
 def _print_batch_table(result, page) -> None:
@@ -251,13 +251,14 @@ def _print_batch_table(result, page) -> None:
     recs = sorted(result.records, key=lambda r: r["id"])
     shown = recs if len(recs) <= 60 else [r for r in recs if r["status"] == "failed"][:60]
     t = Table(title=f"soma batch: {result.out_dir}", title_justify="left")
-    for col in ("id", "status", "s", "|flow| px", "cert>0.5", "sim before", "sim after", "error"):
-        t.add_column(col, justify="left" if col in ("id", "status", "error") else "right")
+    for col in ("id", "status", "s", "|flow| px", "cert>0.5", "sim before", "sim after", "error / note"):
+        t.add_column(col, justify="left" if col in ("id", "status", "error / note") else "right",
+                     overflow="fold" if col == "error / note" else "ellipsis")
     style = {"ok": "green", "failed": "red", "skipped": "dim"}
     for r in shown:
         t.add_row(r["id"], f"[{style.get(r['status'], '')}]{r['status']}[/]", num(r.get("seconds"), "{:.1f}"),
                   num(r.get("median_flow")), num(r.get("certainty_coverage")), num(r.get("similarity_before"), "{:.3f}"),
-                  num(r.get("similarity_after"), "{:.3f}"), (r.get("error") or r.get("reason") or "")[:80])
+                  num(r.get("similarity_after"), "{:.3f}"), (r.get("error") or r.get("reason") or "")[:200])
     con = Console(stderr=True)
     if shown:
         con.print(t)

@@ -263,6 +263,18 @@ def test_cli_batch_glob_and_report(tmp_path):
     r = runner.invoke(app, ["report", str(out / "g1" / "qa")])
     assert r.exit_code == 0, r.output
     _check_links(out / "g1" / "qa" / "report.html")
+    # a manifest into the same folder: g1 is done (skipped), a pair with a missing input fails -> exit 1
+    m = write_manifest(tmp_path / "m.csv", [
+        {"id": "g1", "sar": str(tmp_path / "s" / "g1_sar.tif"), "opt": str(tmp_path / "g1.tif")},
+        {"id": "gone", "sar": str(tmp_path / "missing.tif"), "opt": str(tmp_path / "g1.tif")}])
+    r = runner.invoke(app, ["batch", str(m), "-o", str(out), "--method", "gradient", "--workers", "1"])
+    assert r.exit_code == 1, r.output
+    squashed = "".join(r.output.split()).replace("│", "")  # the table wraps long cells
+    assert "failed" in r.output and "skipped" in r.output and "SARfilenotfound" in squashed
+    assert "missing.tif" in squashed
+    assert batch.pair_state(out / "gone") == "failed"
+    r = runner.invoke(app, ["batch", "-o", str(out)])
+    assert r.exit_code != 0
 
 
 def _check_links(page: Path) -> None:
