@@ -75,7 +75,9 @@ def _fmt(v) -> str:
         if not math.isfinite(v):
             return ""
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
-    if isinstance(v, (list, dict)):
+    if isinstance(v, list):
+        return "[" + ", ".join(f"{x:.4f}" if isinstance(x, float) else _fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
         return json.dumps(v)
     return str(v)
 
