@@ -426,8 +426,8 @@ def evaluate_cmd(
         con = Console(width=160)
     for name, res in ev.protocol_results(result).items():
         headers, rows = ev.table_rows(res)
-        t = Table(title=f"soma evaluate: protocol {name}, {res['pairs']} pair(s), {res['chips']} chip(s) "
-                        f"of {res['chip']} px, seed {res['seed']}" + (f", split {res['split']}" if res["split"] else ""),
+        t = Table(title=f"protocol {name}: {res['pairs']} pair(s), {res['chips']} chips of {res['chip']} px, "
+                        f"seed {res['seed']}" + (f", split {res['split']}" if res["split"] else ""),
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False,
                   caption="CMR, <1px: % of chips / pixels; RMSE, AEPE: px; rel: self-consistency; n: chips",
                   caption_justify="left")

@@ -78,7 +78,8 @@ class GefolkiMatcher:
             s[~np.isfinite(s)] = 0.0
             if np.ptp(o) <= 0 or np.ptp(s) <= 0:
                 continue  # flat chip: GeFolki normalises by the range and would divide by zero
-            with _skimage_compat():
+            # GeFolki zeroes NaN/inf updates itself (flat windows); keep its warnings off the terminal
+            with _skimage_compat(), np.errstate(divide="ignore", invalid="ignore"):
                 u, v = self._gefolki(o, s, **dict(self.params))
             flow[i, 0] = u
             flow[i, 1] = v
