@@ -149,8 +149,11 @@ def test_killed_run_is_redone(tmp_path, client):
         rows.append({"id": name, "sar": str(s), "opt": str(o)})  # absolute paths work too
     manifest = write_manifest(tmp_path / "m.csv", rows)
     out = tmp_path / "out"
-    res, _ = _run(manifest, out, client)
+    res, recs = _run(manifest, out, client)
     assert res.counts()["ok"] == 3
+    # the matcher is built once per worker: 3 pairs on 2 workers -> one load per worker used
+    workers = {r["worker"] for r in recs.values()}
+    assert sum(not r["matcher_cached"] for r in recs.values()) == len(workers) < 3
     # k1: killed before done.json was written (outputs there, a stray temp file from the writer)
     (out / "k1" / batch.DONE).unlink()
     stray = out / "k1" / ".aligned.tif.abc123.tmp.tif"
