@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .errors import ConfigError, InputError, OutputError, SomaError
-from .qa import write_json
+from .qa import to_jsonable, write_json
 
 ROW_OPTIONS = ("reference", "method", "mode", "bands", "sar_scale", "tile_size", "overlap", "weights")
 OUTPUTS = ("aligned.tif", "flow.tif")
@@ -415,9 +415,7 @@ class BatchResult:
 
 
 def _append_log(path: Path, rec: dict) -> None:
-    from .qa import _jsonable
-
-    line = json.dumps(_jsonable(rec), allow_nan=False) + "\n"
+    line = json.dumps(to_jsonable(rec), allow_nan=False) + "\n"
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()

@@ -195,13 +195,13 @@ def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path
     return path
 
 
-def _jsonable(x):
+def to_jsonable(x):
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [to_jsonable(v) for v in x]
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return to_jsonable(x.tolist())
     if isinstance(x, (np.bool_, bool)):
         return bool(x)
     if isinstance(x, (np.integer,)):
@@ -216,7 +216,7 @@ def _jsonable(x):
 
 def write_json(path: Path, obj) -> Path:
     """Atomically write ``obj`` as JSON (NaN/inf -> null, numpy -> Python)."""
-    data = json.dumps(_jsonable(obj), indent=2, allow_nan=False).encode()
+    data = json.dumps(to_jsonable(obj), indent=2, allow_nan=False).encode()
     return atomic_write(path, lambda fh: fh.write(data))
 
 
@@ -226,7 +226,7 @@ def _write_csv(path: Path, rows: Iterable[dict], fields: Sequence[str]) -> Path:
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
-                    for k, v in _jsonable(r).items()})
+                    for k, v in to_jsonable(r).items()})
     data = buf.getvalue().encode()
     return atomic_write(path, lambda fh: fh.write(data))
 
@@ -438,4 +438,4 @@ def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict]) -> d
         "files": list(PRODUCTS),
     }
     write_json(qa_dir / "summary.json", summary)
-    return _jsonable(summary)
+    return to_jsonable(summary)
