@@ -91,7 +91,7 @@ def register(
     opt: Annotated[Path, typer.Argument(help="Optical GeoTIFF (1, 3, 4 or 13 bands; 8/16-bit or float).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: the moving image, aligned, on the reference grid.")],
     reference: Annotated[str, typer.Option(help="Which image is the reference grid: opt or sar.")] = "opt",
-    method: Annotated[str, typer.Option(help="Matcher: soma (the network), gradient (training-free) or identity.")] = "soma",
+    method: Annotated[str, typer.Option(help="Matcher: gradient (training-free, default), soma (the network) or identity.")] = "gradient",
     mode: Annotated[str, typer.Option(help="dense: resample with the dense field; affine: one global affine fit.")] = "dense",
     flow_out: Annotated[Optional[Path], typer.Option(help="Write the displacement raster (dx, dy, certainty).")] = None,
     qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
@@ -448,7 +448,9 @@ def main() -> None:
     for name in ("rasterio", "distributed"):  # library chatter would break the one-line errors
         logging.getLogger(name).addHandler(logging.NullHandler())
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit(n) instead of raising
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except SomaError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -9,6 +9,7 @@ scene size: tiles are matched in row-major order, finished rows are warped and w
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -117,6 +118,14 @@ class _Samples:
         return cat(self.x), cat(self.y), cat(self.dx), cat(self.dy), cat(self.cert)
 
 
+def default_threads() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
 def _validate(opts: RegisterOptions) -> None:
     if opts.reference not in ("opt", "sar"):
         raise ConfigError(f"--reference must be 'opt' or 'sar' (got {opts.reference!r})")
@@ -182,7 +191,7 @@ def register(opts: RegisterOptions, progress: Optional[Progress] = None,
     with open_pair(opts.sar, opts.opt, opts.reference, opts.bands, opts.sar_band, resampling) as pair:
         if matcher is None:
             matcher = get_matcher(opts.method, weights=opts.weights, device=opts.device,
-                                  batch_size=opts.batch_size)
+                                  batch_size=opts.batch_size, threads=opts.threads or default_threads())
         run = _Run(opts, pair, matcher, progress)
         result = run.execute()
     result.seconds = round(time.perf_counter() - t0, 3)

@@ -168,24 +168,34 @@ def test_different_crs_inputs_register(tmp_path, shared_data):
 
 def test_affine_mode_restores_the_geotransform(tmp_path, shared_data):
     """SAR content shifted by (5, -3) px but labelled with the optical transform: --mode affine keeps
-    the SAR pixels and writes a transform that puts them back in place."""
-    with rasterio.open(shared_data / "sar" / "003.tif") as s, rasterio.open(shared_data / "opt" / "003.tif") as op:
+    the SAR pixels and writes a transform that puts them back.  The pair's own residual is cancelled
+    by registering the unshifted crop too: both corrected transforms must place the same content at
+    the same map position."""
+    with rasterio.open(shared_data / "sar" / "020.tif") as s, rasterio.open(shared_data / "opt" / "020.tif") as op:
         w = Window(300, 300, 384, 384)
         opt, t = op.read(window=w), op.window_transform(w)
+        same = s.read(1, window=w)
         moved = s.read(1, window=Window(300 - 5, 300 + 3, 384, 384))  # content shifted by (+5, -3)
         crs = s.crs
     o = write(tmp_path / "opt.tif", opt, t, crs)
-    sp = write(tmp_path / "sar.tif", moved, t, crs)
-    out = tmp_path / "out.tif"
-    res = register(RegisterOptions(sar=sp, opt=o, out=out, method="gradient", mode="affine", tile_size=384, overlap=0))
-    with rasterio.open(out) as ds:
-        np.testing.assert_array_equal(ds.read(1), moved)  # pixels unchanged
-        nt = ds.transform
-    # true transform of the shifted crop: origin moved by (-5, +3) pixels
-    true = t * rasterio.Affine.translation(-5, 3)
-    assert abs(nt.c - true.c) < 1.0 * t.a  # within a pixel (the pair has ~1 px residual of its own)
-    assert abs(nt.f - true.f) < 1.0 * abs(t.e)
-    assert res.output_transform is not None
+    transforms = []
+    for name, data in (("same", same), ("moved", moved)):
+        sp = write(tmp_path / f"{name}.tif", data, t, crs)
+        out = tmp_path / f"{name}_out.tif"
+        res = register(RegisterOptions(sar=sp, opt=o, out=out, method="gradient", mode="affine",
+                                       tile_size=384, overlap=0))
+        with rasterio.open(out) as ds:
+            np.testing.assert_array_equal(ds.read(1), data)  # pixels unchanged
+            transforms.append(ds.transform)
+        assert res.output_transform is not None
+    t_same, t_moved = transforms
+    # the content of reference-crop pixel (192, 192) sits at (192, 192) in `same`, at (197, 189) in `moved`
+    xa, ya = t_same * (192.5, 192.5)
+    xb, yb = t_moved * (197.5, 189.5)
+    assert abs(xa - xb) < 0.5 * t.a and abs(ya - yb) < 0.5 * abs(t.e), (xa - xb, ya - yb)
+    # and without the correction the same content would be 5 and 3 px apart
+    xc, yc = t * (197.5, 189.5)
+    assert abs(xc - xa) > 3 * t.a
 
 
 # ---------------------------------------------------------------------------------------------- bad input

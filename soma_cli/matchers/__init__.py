@@ -48,8 +48,8 @@ MATCHERS = ("soma", "gradient", "identity", "gefolki")
 
 
 def get_matcher(name: str, **options) -> Matcher:
-    """Build a matcher by name. Options: ``weights``, ``device``, ``batch_size`` (ignored where
-    they do not apply)."""
+    """Build a matcher by name. Options: ``weights``, ``device``, ``batch_size``, ``threads``
+    (ignored where they do not apply)."""
     from ..errors import ConfigError
 
     if name == "identity":
@@ -57,11 +57,12 @@ def get_matcher(name: str, **options) -> Matcher:
     if name == "gradient":
         from .gradient import GradientMatcher
 
-        return GradientMatcher()
+        return GradientMatcher(threads=options.get("threads") or 1)
     if name == "soma":
         from .soma import SomaMatcher
 
-        return SomaMatcher(weights=options.get("weights"), device=options.get("device", "auto"))
+        return SomaMatcher(weights=options.get("weights"), device=options.get("device", "auto"),
+                           batch_size=options.get("batch_size") or 4)
     if name == "gefolki":
         from .gefolki import GefolkiMatcher
 

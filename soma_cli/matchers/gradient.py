@@ -376,6 +376,7 @@ class GradientMatcher:
         local_win: int = 64,
         local_stride: int = 32,
         local_radius: int = 8,
+        threads: int = 1,
     ) -> None:
         self.n_orient = int(n_orient)
         self.sigma = float(sigma)
@@ -389,6 +390,7 @@ class GradientMatcher:
         self.local_win = int(local_win)
         self.local_stride = int(local_stride)
         self.local_radius = int(local_radius)
+        self.threads = max(1, int(threads))  # tiles of a batch matched concurrently (numpy/scipy release the GIL)
 
     # -- public contract
     def match(self, opt, sar, opt_valid=None, sar_valid=None):
@@ -405,9 +407,19 @@ class GradientMatcher:
         sv = np.ones_like(sar, bool) if sar_valid is None else np.asarray(sar_valid, bool).reshape(sar.shape)
         flows = np.zeros((b, 2, h, w), np.float32)
         certs = np.zeros((b, h, w), np.float32)
-        for i in range(b):
+
+        def one(i: int) -> None:
             flows[i], certs[i] = self._match_one(opt[i], sar[i], ov[i] & np.isfinite(opt[i]),
                                                  sv[i] & np.isfinite(sar[i]))
+
+        if self.threads > 1 and b > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(self.threads, b)) as pool:
+                list(pool.map(one, range(b)))
+        else:
+            for i in range(b):
+                one(i)
         return flows, certs
 
     # -- descriptors
