@@ -51,7 +51,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .errors import ConfigError, InputError, OutputError, SomaError
-from .qa import to_jsonable, write_json
+from .atomic import to_jsonable, write_json
 
 ROW_OPTIONS = ("reference", "method", "mode", "bands", "sar_scale", "tile_size", "overlap", "weights")
 OUTPUTS = ("aligned.tif", "flow.tif")

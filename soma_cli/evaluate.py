@@ -37,10 +37,7 @@ for non-finite numbers).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +46,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from . import coords, synth
+from . import atomic
 from .errors import ConfigError, DataError, OutputError
 from .io.dataset import PairEntry, list_pairs, read_pair
 from .matchers import Matcher, get_matcher
@@ -424,33 +422,9 @@ def table_rows(result: dict) -> Tuple[List[str], List[List[str]]]:
     return headers, rows
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def write_json(path: Union[str, Path], result: dict) -> Path:
     """Write ``result`` as JSON atomically (temporary file in the destination folder, then rename)."""
-    dest = Path(path)
-    data = json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n"
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        return atomic.write_json(Path(path), result)
     except OSError as exc:
-        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(data)
-        os.replace(tmp, dest)
-    except OSError as exc:
-        raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -21,7 +21,7 @@ from rasterio.windows import Window
 
 from . import coords, tiling
 from .errors import ConfigError, MatchError, OutputError
-from .io.pair import AlignedPair, open_pair
+from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.write import atomic_raster, check_output
 from .matchers import Matcher, get_matcher
 from .model import preprocess
@@ -188,7 +188,7 @@ def register(opts: RegisterOptions, progress: Optional[Progress] = None,
 
         torch.set_num_threads(int(opts.threads))
     resampling = Resampling.cubic if opts.resampling == "cubic" else Resampling.bilinear
-    with open_pair(opts.sar, opts.opt, opts.reference, opts.bands, opts.sar_band, resampling) as pair:
+    with gdal_env(), open_pair(opts.sar, opts.opt, opts.reference, opts.bands, opts.sar_band, resampling) as pair:
         if matcher is None:
             matcher = get_matcher(opts.method, weights=opts.weights, device=opts.device,
                                   batch_size=opts.batch_size, threads=opts.threads or default_threads())
@@ -218,7 +218,7 @@ class _Run:
     # -- matching ---------------------------------------------------------------------------------
     def _match_batch(self, batch: List[tiling.Tile]):
         ref_is_opt = self.pair.ref_is_optical
-        refs, movs, rvs, mvs, raws = [], [], [], [], []
+        refs, movs, rvs, mvs = [], [], [], []
         for t in batch:
             window = Window(self.win.col_off + t.col, self.win.row_off + t.row, t.width, t.height)
             rd, rv = self.pair.read(window, True)

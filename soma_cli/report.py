@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .errors import InputError
-from .qa import PRODUCTS, atomic_write
+from .atomic import atomic_write
+from .qa import PRODUCTS
 
 REPORT_NAME = "report.html"
 
@@ -191,7 +192,7 @@ def _batch_body(root: Path) -> str:
     for r in records.values():
         counts[str(r.get("status"))] = counts.get(str(r.get("status")), 0) + 1
     parts = [f"<p>{len(records)} pair(s): " + ", ".join(f"{v} {html.escape(k)}" for k, v in sorted(counts.items()))
-             + (f' &middot; <a href="runlog.jsonl">runlog.jsonl</a>' if (root / "runlog.jsonl").is_file() else "")
+             + (' &middot; <a href="runlog.jsonl">runlog.jsonl</a>' if (root / "runlog.jsonl").is_file() else "")
              + "</p>"]
     head = "".join(f"<th{' class=l' if c in ('id', 'status', 'error') else ''}>{c}</th>" for c in _BATCH_COLS)
     rows = [f"<table><tr>{head}</tr>"]

@@ -26,6 +26,12 @@ from rasterio.windows import Window, from_bounds
 from ..errors import BandError, GeoreferenceError, InputError
 
 
+def gdal_env(cache_mb: int = 256) -> rasterio.Env:
+    """GDAL settings for a run: a bounded block cache (GDAL's default is 5 % of RAM), so peak
+    memory follows the tile strip rather than the machine."""
+    return rasterio.Env(GDAL_CACHEMAX=int(cache_mb) * 1024 * 1024)
+
+
 def open_raster(path: Path, role: str) -> rasterio.DatasetReader:
     """Open ``path`` read-only with clear errors for the usual ways it can go wrong."""
     p = Path(path)
