@@ -83,6 +83,7 @@ class RegisterResult:
     affine_rmse: float
     affine_inliers: float
     output_transform: Optional[List[float]] = None
+    sar_scale: str = "auto"
     seconds: float = 0.0
     qa: Optional[dict] = None
 
@@ -428,7 +429,7 @@ class _Run:
             affine=[[float(v) for v in row] for row in affine], affine_rmse=stats["rmse"],
             affine_inliers=stats["inliers"],
             output_transform=list(out_transform)[:6] if out_transform is not None else None,
-            qa=qa_summary,
+            sar_scale=self.prep.sar_scale, qa=qa_summary,
         )
 
     def _fit(self):

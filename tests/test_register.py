@@ -198,6 +198,33 @@ def test_affine_mode_restores_the_geotransform(tmp_path, shared_data):
     assert abs(xc - xa) > 3 * t.a
 
 
+def test_db_float_sar_and_16bit_four_band_optical(tmp_path):
+    """SAR in dB (float, negative) and a 4-band uint16 optical image with nodata: the scale is
+    detected as dB, the output keeps the SAR's float type and marks the optical nodata hole."""
+    rng = np.random.default_rng(5)
+    base = ndimage_smooth(rng.random((256, 256)))
+    sar_db = (10 * np.log10(0.05 + base) - 5).astype(np.float32)
+    opt = np.stack([(base * 3000 + 100 * k).astype(np.uint16) for k in range(4)])
+    opt[:, :40, :40] = 0
+    s = write(tmp_path / "sar.tif", sar_db)
+    o = write(tmp_path / "opt.tif", opt, nodata=0)
+    out = tmp_path / "out.tif"
+    res = register(RegisterOptions(sar=s, opt=o, out=out, method="identity", tile_size=256, overlap=0))
+    assert res.sar_scale == "db"
+    with rasterio.open(out) as ds:
+        assert ds.dtypes[0] == "float32"
+        got = ds.read(1)
+    assert np.isnan(got[:40, :40]).all()  # no estimate where the reference is nodata
+    np.testing.assert_allclose(got[100:, 100:], sar_db[100:, 100:], atol=1e-5)
+
+
+def ndimage_smooth(a):
+    from scipy import ndimage
+
+    a = ndimage.gaussian_filter(a, 3)
+    return (a - a.min()) / (a.max() - a.min())
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
