@@ -60,22 +60,41 @@ def _parse_bands(text: Optional[str]):
     return bands
 
 
+class _LazyBar:
+    """A Rich progress bar that appears on the first progress tick (so an early error prints alone)
+    and is stopped only if it was started."""
+
+    def __init__(self, quiet: bool, label: str):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            TimeRemainingColumn(), console=err_console, disable=quiet, transient=False)
+        self.task = self.bar.add_task(label, total=None)
+        self.started = False
+
+    def update(self, done: int, total: int, *_) -> None:
+        if not self.started:
+            self.bar.start()
+            self.started = True
+        self.bar.update(self.task, completed=done, total=total)
+
+    def stop(self) -> None:
+        if self.started:
+            self.bar.stop()
+            self.started = False
+
+    def __enter__(self) -> "_LazyBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def _progress_bar(quiet: bool, label: str):
-    """A Rich progress bar driven by the library's ``progress(done, total)`` callback."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), console=err_console, disable=quiet, transient=False)
-    task = bar.add_task(label, total=None)
-    started = []
-
-    def update(done: int, total: int, *_):
-        if not started:  # start on the first tick, so early errors print without a bar
-            bar.start()
-            started.append(True)
-        bar.update(task, completed=done, total=total)
-
-    return bar, update
+    """A progress bar driven by the library's ``progress(done, total)`` callback: ``(bar, update)``."""
+    bar = _LazyBar(quiet, label)
+    return bar, bar.update
 
 
 @app.command(
@@ -112,10 +131,8 @@ def register(
 ):
     """Co-register a SAR and an optical image; write the moving one aligned on the reference grid.
 
-    The displacement raster (--flow-out) is on the reference grid: band 1 dx, band 2 dy in reference
-    pixels, band 3 certainty; reference pixel (c, r) matches the moving image (already on the
-    reference grid) at (c + dx, r + dy).
-    """
+    The displacement raster (--flow-out) is on the reference grid: band 1 dx, band 2 dy in reference pixels, band 3 certainty; reference pixel (c, r) matches the moving image (already on the reference grid) at (c + dx, r + dy).
+    """  # noqa: E501 (one line per paragraph: Typer keeps line breaks)
     import json
 
     from .pipeline import RegisterOptions
