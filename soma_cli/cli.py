@@ -126,6 +126,7 @@ def register(
     weights: Annotated[Optional[Path], typer.Option(help="TorchScript weights for --method soma.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     cog: Annotated[bool, typer.Option(help="Write Cloud-Optimised GeoTIFFs.")] = False,
+    repair: Annotated[bool, typer.Option(help="Blend low-certainty outliers towards a smooth, certainty-weighted field.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")] = False,
 ):
@@ -142,7 +143,7 @@ def register(
         sar=sar, opt=opt, out=out, reference=reference, method=method, mode=mode, flow_out=flow_out,
         qa_out=qa_out, tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,
         threads=threads, bands=_parse_bands(bands), sar_band=sar_band, sar_scale=sar_scale,
-        resampling=resampling, weights=weights, overwrite=overwrite, cog=cog,
+        resampling=resampling, weights=weights, overwrite=overwrite, cog=cog, repair=repair,
     )
     bar, update = _progress_bar(quiet or json_out, "tiles")
     try:

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 from rasterio.enums import Resampling
@@ -22,10 +22,10 @@ from rasterio.windows import Window
 from . import coords, tiling
 from .errors import ConfigError, MatchError, OutputError
 from .io.pair import AlignedPair, gdal_env, open_pair
-from .io.write import atomic_raster, check_output
+from .io.write import atomic_raster, check_output, scratch_raster
 from .matchers import Matcher, get_matcher
 from .model import preprocess
-from .stitch import Strip, StripStitcher
+from .stitch import FlowPrior, Strip, StripStitcher
 
 Progress = Callable[[int, int], None]
 
@@ -65,6 +65,7 @@ class RegisterOptions:
     weights: Optional[Path] = None
     overwrite: bool = False
     cog: bool = False
+    repair: bool = True  # blend low-certainty outliers towards a smooth certainty-weighted prior
 
 
 @dataclass
@@ -82,6 +83,7 @@ class RegisterResult:
     affine: List[List[float]]
     affine_rmse: float
     affine_inliers: float
+    repaired_share: float = 0.0
     output_transform: Optional[List[float]] = None
     sar_scale: str = "auto"
     seconds: float = 0.0
@@ -213,6 +215,8 @@ class _Run:
         self.qa = opts.qa_out is not None
         w = self.win
         self.ov_step = max(1, int(math.ceil(max(w.height, w.width) / OVERVIEW_MAX)))
+        self.repaired = 0
+        self.valid_px = 0
         self.ov_flow: List[np.ndarray] = []
         self.ov_cert: List[np.ndarray] = []
 
@@ -265,10 +269,37 @@ class _Run:
                 if self.progress:
                     self.progress(done, total)
             upto = rows[i + 1][0].row if i + 1 < len(rows) else int(self.win.height)
-            for strip in stitcher.flush(upto):
-                self._observe(strip)
-                yield strip
-        for strip in stitcher.finish():
+            yield from stitcher.flush(upto)
+        yield from stitcher.finish()
+
+    def _final_strips(self, scratch) -> Iterator[Strip]:
+        """Pass 1: match and stitch into ``scratch`` (window-sized dx, dy, certainty); fit the prior.
+        Pass 2: read the strips back, repair outliers, observe and yield them."""
+        raw = _Samples()
+        r0, c0 = int(self.win.row_off), int(self.win.col_off)
+        for strip in self._strips():
+            h = strip.flow.shape[1]
+            data = np.concatenate([strip.flow, strip.certainty[None]]).astype(np.float32)
+            data[:, ~strip.valid] = np.nan
+            scratch.write(data, window=Window(0, strip.row0, data.shape[2], h))
+            raw.add(strip, r0, c0)
+        prior = None
+        if self.opts.repair:
+            x, y, dx, dy, cert = raw.arrays()
+            if x.size >= 6:
+                affine, _ = coords.fit_affine_points_np(x, y, x + dx, y + dy, np.maximum(cert, 1e-3))
+                prior = FlowPrior(x, y, dx, dy, cert, affine, int(self.win.height), int(self.win.width), r0, c0)
+        total = int(self.win.height)
+        for a in range(0, total, 512):
+            h = min(512, total - a)
+            data = scratch.read(window=Window(0, a, int(self.win.width), h))
+            valid = np.isfinite(data).all(0)
+            strip = Strip(a, data[:2], np.nan_to_num(data[2]), valid)
+            if prior is not None:
+                before = strip.certainty
+                strip = prior.repair(strip, r0 + a, c0)
+                self.repaired += int(np.count_nonzero(valid & (strip.certainty < before)))
+            self.valid_px += int(np.count_nonzero(valid))
             self._observe(strip)
             yield strip
 
@@ -386,6 +417,8 @@ class _Run:
                                      tags={"SOMA_CONVENTION": FLOW_DESCRIPTIONS[0], "SOMA_METHOD": opts.method})
         dense = opts.mode == "dense"
         out_transform = None
+        scratch_ctx = scratch_raster(Path(opts.out).parent, int(win.width), int(win.height), 3)
+        scratch = scratch_ctx.__enter__()
         fdst = flow_ctx.__enter__() if flow_ctx else None
         try:
             if fdst is not None:
@@ -393,7 +426,7 @@ class _Run:
             if dense:
                 with atomic_raster(opts.out, prof, cog=opts.cog, tags={"SOMA_METHOD": opts.method}) as dst:
                     self._blank_rows(dst, 0, top, nodata, use_mask, nb)
-                    for strip in self._strips():
+                    for strip in self._final_strips(scratch):
                         row_abs = top + strip.row0
                         data, valid = self._warp_rows(strip.flow, row_abs)
                         self._write_image_rows(dst, data, valid, row_abs, nodata, use_mask)
@@ -402,7 +435,7 @@ class _Run:
                     self._blank_rows(dst, bottom, pair.height, nodata, use_mask, nb)
                 affine, stats = self._fit()
             else:
-                for strip in self._strips():
+                for strip in self._final_strips(scratch):
                     if fdst is not None:
                         self._write_flow_rows(fdst, strip, top + strip.row0)
                 affine, stats = self._fit()
@@ -412,9 +445,11 @@ class _Run:
         except BaseException as exc:
             if flow_ctx:
                 flow_ctx.__exit__(type(exc), exc, exc.__traceback__)
+            scratch_ctx.__exit__(type(exc), exc, exc.__traceback__)
             raise
         if flow_ctx:
             flow_ctx.__exit__(None, None, None)
+        scratch_ctx.__exit__(None, None, None)
         x, y, dx, dy, cert = self.samples.arrays()
         mag = np.hypot(dx, dy)
         qa_summary = self._write_qa(affine) if self.qa else None
@@ -428,6 +463,7 @@ class _Run:
             certainty_coverage=float(np.mean(cert > 0.5)) if cert.size else 0.0,
             affine=[[float(v) for v in row] for row in affine], affine_rmse=stats["rmse"],
             affine_inliers=stats["inliers"],
+            repaired_share=self.repaired / max(self.valid_px, 1),
             output_transform=list(out_transform)[:6] if out_transform is not None else None,
             sar_scale=self.prep.sar_scale, qa=qa_summary,
         )

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
+from scipy import ndimage
 
 from .tiling import Tile, blend_weight
 
@@ -86,3 +87,81 @@ class StripStitcher:
 
     def finish(self) -> Iterator[Strip]:
         yield from self.flush(self.height)
+
+
+class FlowPrior:
+    """A smooth, certainty-weighted flow over the area, used to repair outliers.
+
+    ``prior = A + NC(F - A)``: the global affine ``A`` plus a normalised convolution (Gaussian,
+    ``sigma_px``) of the certainty-weighted residual, computed on a coarse grid of ``block`` px
+    from flow samples.  Working on the residual keeps large rotations exact (a normalised
+    convolution of a linear field is biased wherever the weights are uneven).
+    """
+
+    def __init__(self, x, y, dx, dy, cert, affine, height: int, width: int, row0: int, col0: int,
+                 sigma_px: float = 256.0, block: int = 16, max_dev: float = 5.0):
+        self.m = np.vstack([np.asarray(affine, np.float64).reshape(2, 3), [0.0, 0.0, 1.0]])
+        self.row0, self.col0, self.block = row0, col0, block
+        self.sigma = sigma_px / block
+        self.shape = (-(-height // block), -(-width // block))
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        gh, gw = self.shape
+        by = np.clip(((y - row0) // block).astype(int), 0, gh - 1)
+        bx = np.clip(((x - col0) // block).astype(int), 0, gw - 1)
+        self._idx = by * gw + bx
+        ax, ay = self._affine(x, y)
+        rx, ry = np.asarray(dx) - ax, np.asarray(dy) - ay
+        w = np.asarray(cert, np.float64)
+        self.res = self._smooth(rx, ry, w)
+        # robust second pass: samples far from the first prior do not shape the final one
+        px, py = self._residual_at(x, y)
+        self.res = self._smooth(rx, ry, np.where(np.hypot(rx - px, ry - py) <= max_dev, w, 0.0))
+        del self._idx
+
+    def _smooth(self, rx: np.ndarray, ry: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Normalised convolution of the weighted residual on the coarse grid: ``(2, gh, gw)``."""
+        gh, gw = self.shape
+        n = gh * gw
+        wsum = np.bincount(self._idx, weights=w, minlength=n).reshape(gh, gw)
+        den = ndimage.gaussian_filter(wsum, self.sigma, mode="constant")
+        ok = den > 1e-9 * max(float(wsum.sum()), 1e-12)
+        out = []
+        for v in (rx, ry):
+            num = ndimage.gaussian_filter(np.bincount(self._idx, weights=w * v, minlength=n).reshape(gh, gw),
+                                          self.sigma, mode="constant")
+            out.append(np.where(ok, num / np.where(ok, den, 1.0), 0.0))
+        return np.stack(out)
+
+    def _residual_at(self, xx: np.ndarray, yy: np.ndarray):
+        # block b covers pixels [b*B, (b+1)*B) and is centred at b*B + (B-1)/2 (coords' level convention)
+        u = (xx - self.col0 - (self.block - 1) / 2.0) / self.block
+        v = (yy - self.row0 - (self.block - 1) / 2.0) / self.block
+        return (ndimage.map_coordinates(self.res[0], [v, u], order=1, mode="nearest"),
+                ndimage.map_coordinates(self.res[1], [v, u], order=1, mode="nearest"))
+
+    def _affine(self, x: np.ndarray, y: np.ndarray):
+        m = self.m
+        return m[0, 0] * x + m[0, 1] * y + m[0, 2] - x, m[1, 0] * x + m[1, 1] * y + m[1, 2] - y
+
+    def field(self, row_abs: int, col_abs: int, h: int, w: int) -> np.ndarray:
+        """The prior flow ``(2, h, w)`` for the block of absolute reference pixels at (row, col)."""
+        rows = np.arange(row_abs, row_abs + h, dtype=np.float64)
+        cols = np.arange(col_abs, col_abs + w, dtype=np.float64)
+        yy, xx = np.meshgrid(rows, cols, indexing="ij")
+        rx, ry = self._residual_at(xx, yy)
+        ax, ay = self._affine(xx, yy)
+        return np.stack([ax + rx, ay + ry]).astype(np.float32)
+
+    def repair(self, strip: Strip, row_abs: int, col_abs: int, max_dev: float = 5.0, min_cert: float = 0.1,
+               trust_cert: float = 0.5) -> Strip:
+        """Blend unreliable pixels towards the prior: weight ``clip(c / min_cert, 0, 1)``, and 0 where
+        the flow deviates from the prior by more than ``max_dev`` px while ``c < trust_cert``.  The
+        certainty is scaled by the same weight (repaired pixels carry no evidence of their own)."""
+        f, c = strip.flow, strip.certainty
+        prior = self.field(row_abs, col_abs, f.shape[1], f.shape[2])
+        dev = np.hypot(f[0] - prior[0], f[1] - prior[1])
+        wgt = np.clip(c / min_cert, 0.0, 1.0)
+        wgt = np.where((dev > max_dev) & (c < trust_cert), 0.0, wgt)
+        wgt = np.where(np.isfinite(dev), wgt, 1.0)
+        out = np.where(strip.valid, wgt * np.nan_to_num(f) + (1 - wgt) * prior, np.nan).astype(np.float32)
+        return Strip(strip.row0, out, (c * wgt).astype(np.float32), strip.valid)

@@ -94,6 +94,42 @@ def test_constant_shift_multi_tile_blending_and_grid(tmp_path):
     assert np.allclose(res.affine, [[1, 0, 2.25], [0, 1, -1.5]], atol=1e-4)
 
 
+class OutlierOracle:
+    """A constant shift, except a block of wild, low-certainty vectors."""
+
+    name = "outliers"
+
+    def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        b, h, w = opt.shape
+        flow = np.ones((b, 2, h, w), np.float32) * np.array([2.25, -1.5], np.float32)[None, :, None, None]
+        cert = np.full((b, h, w), 0.8, np.float32)
+        flow[:, :, 100:180, 200:300] = 30.0
+        cert[:, 100:180, 200:300] = 0.02
+        return flow, cert
+
+
+@pytest.mark.parametrize("repair", [True, False])
+def test_low_certainty_outliers_are_repaired(tmp_path, repair):
+    image = ramp(384, 384)
+    opt = write(tmp_path / "opt.tif", image)
+    sar = write(tmp_path / "sar.tif", image)
+    flow = tmp_path / "flow.tif"
+    res = register(RegisterOptions(sar=sar, opt=opt, out=tmp_path / "o.tif", flow_out=flow, tile_size=384, overlap=0,
+                                   repair=repair), matcher=OutlierOracle())
+    with rasterio.open(flow) as f:
+        fl = f.read()
+    block = fl[:2, 100:180, 200:300]
+    good = fl[:2, 250:, :100]
+    np.testing.assert_allclose(good[0], 2.25, atol=1e-4)  # confident pixels are left alone
+    if repair:
+        assert np.abs(block[0] - 2.25).max() < 0.05 and np.abs(block[1] + 1.5).max() < 0.05
+        assert fl[2, 100:180, 200:300].max() < 0.02  # repaired pixels carry no certainty of their own
+        assert 0.05 < res.repaired_share < 0.1
+    else:
+        np.testing.assert_allclose(block, 30.0)
+        assert res.repaired_share == 0.0
+
+
 def test_reference_sar_inverts_the_field(tmp_path):
     h = w = 256
     shift = np.array([1.75, 0.5], np.float32)

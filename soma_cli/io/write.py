@@ -105,3 +105,24 @@ def atomic_raster(dest: Path, profile: dict, cog: bool = False,
                     p.unlink()
                 except OSError:
                     pass
+
+
+@contextmanager
+def scratch_raster(folder: Path, width: int, height: int, count: int, dtype: str = "float32",
+                   nodata: Optional[float] = None) -> Iterator[rasterio.io.DatasetWriter]:
+    """A temporary, uncompressed, tiled GeoTIFF opened read-write in ``folder``; always deleted."""
+    tmp = _tmp_path(Path(folder) / "scratch")
+    prof = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype, nodata=nodata,
+                tiled=True, blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
+    if width < 256 or height < 256:
+        prof.update(tiled=False)
+        prof.pop("blockxsize")
+        prof.pop("blockysize")
+    try:
+        with rasterio.open(tmp, "w+", **prof) as ds:
+            yield ds
+    except RasterioError as exc:
+        raise OutputError(f"cannot use a scratch file in {folder}: {exc}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
