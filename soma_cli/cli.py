@@ -169,6 +169,7 @@ def _print_register_summary(result) -> None:
     t.add_row("tiles", str(result.tiles))
     t.add_row("median |flow|", f"{result.median_flow:.2f} px")
     t.add_row("certainty > 0.5", f"{100 * result.certainty_coverage:.1f} % of the overlap")
+    t.add_row("repaired", f"{100 * result.repaired_share:.1f} % of the pixels (low certainty or outliers)")
     a = result.affine
     t.add_row("global affine", f"[{a[0][0]:.4f} {a[0][1]:.4f} {a[0][2]:+.2f}; {a[1][0]:.4f} {a[1][1]:.4f} {a[1][2]:+.2f}]"
               f"  (residual {result.affine_rmse:.2f} px, inliers {100 * result.affine_inliers:.0f} %)")
