@@ -311,6 +311,7 @@ def train_cmd(
     prepare_only: Annotated[bool, typer.Option("--prepare-only", help="Only build the training cache.")] = False,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Cache path (default OUT/cache.npz).")] = None,
     clean: Annotated[str, typer.Option("--clean", help="Residual misregistration removal: gradient or none.")] = "gradient",
+    clean_val: Annotated[bool, typer.Option("--clean-val/--no-clean-val", help="Clean the validation pairs too.")] = True,
     train_groups: Annotated[str, typer.Option("--train-groups", help="Comma-separated training groups.")] = "T11SMT",
     val_groups: Annotated[str, typer.Option("--val-groups", help="Comma-separated validation groups.")] = "T11SLT",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Schedule length in steps.")] = 20000,
@@ -324,6 +325,7 @@ def train_cmd(
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data loader processes.")] = 0,
     val_every: Annotated[int, typer.Option("--val-every", min=1)] = 200,
     val_chip: Annotated[int, typer.Option("--val-chip", min=64)] = 256,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (model.pt/best.pt/ckpt.pt; fresh optimizer and schedule).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing cache.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ):
@@ -342,7 +344,8 @@ def train_cmd(
             bar, update = _progress_bar(quiet, "prepare")
             with bar:
                 meta = tr.prepare(data, cache_path, [g for g in train_groups.split(",") if g],
-                                  [g for g in val_groups.split(",") if g], clean=clean, overwrite=overwrite,
+                                  [g for g in val_groups.split(",") if g], clean=clean, clean_val=clean_val,
+                                  overwrite=overwrite,
                                   progress=update)
             err_console.print(f"cache {cache_path}: {meta['bytes'] / 1e6:.1f} MB, "
                               f"{len(meta['train_names'])} train / {len(meta['val_names'])} val pairs")
@@ -352,7 +355,7 @@ def train_cmd(
         return
     cfg = tr.FitConfig(steps=steps, time_budget_min=time_budget, batch_size=batch_size, crop=crop, lr=lr,
                        seed=seed, threads=threads, device=device, workers=workers, val_every=val_every,
-                       val_chip=val_chip)
+                       val_chip=val_chip, init=str(init) if init else "")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -116,3 +116,48 @@ def test_prepare_fit_resume_export(tmp_path):
     assert m2["sha256"] == meta["sha256"] == loader.sha256_file(w) and m2["tile_multiple"] == 32
     with pytest.raises(OutputError):
         train.export(out / "model.pt", w)
+
+
+def test_fit_init_starts_from_checkpoint_weights(tmp_path):
+    """``FitConfig.init``: the fit starts from a checkpoint's weights (not a fresh model) with a fresh
+    optimizer and step counter; an existing ckpt.pt in the run folder is resumed instead."""
+    rng = np.random.default_rng(1)
+    from scipy import ndimage
+
+    base = ndimage.gaussian_filter(rng.standard_normal((2, 96, 96)), (0, 2, 2))
+    img = ((base - base.min()) / (base.max() - base.min()) * 250).astype(np.uint8)
+    valid = np.packbits(np.ones((2, 96, 96), bool), axis=-1)
+    cache = tmp_path / "c.npz"
+    np.savez_compressed(cache, train_opt=img, train_sar=img, train_valid=valid, val_opt=img[:1],
+                        val_sar=img[:1], val_valid=valid[:1],
+                        meta=np.frombuffer(json.dumps({"val_names": ["v"]}).encode(), np.uint8))
+    # a "pretrained" checkpoint whose weights are all distinctive
+    src = train.netmod.build()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.fill_(0.0123)
+    torch.save({"model": src.state_dict(), "step": 777}, tmp_path / "pre.pt")
+    cfg = train.FitConfig(steps=1, batch_size=1, crop=64, lr=0.0, weight_decay=0.0, threads=1, device="cpu",
+                          val_chip=64, val_pairs=1, val_every=1, init=str(tmp_path / "pre.pt"))
+    res = train.fit(cache, tmp_path / "run", cfg)
+    assert res["step"] == 1  # fresh step counter, not the checkpoint's 777
+    got = torch.load(tmp_path / "run" / "model.pt", weights_only=False)["model"]
+    ref = src.state_dict()
+    params = {n for n, _ in src.named_parameters()}
+    assert all(torch.allclose(got[n], ref[n]) for n in params)  # lr 0: still the init weights
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)
+    assert ck["optimizer"]["param_groups"][0]["lr"] == 0.0 and ck["step"] == 1
+    # without init the weights differ (fresh random model)
+    res0 = train.fit(cache, tmp_path / "run0", train.FitConfig(**{**cfg.__dict__, "init": ""}))
+    got0 = torch.load(tmp_path / "run0" / "model.pt", weights_only=False)["model"]
+    assert res0["step"] == 1 and not all(torch.allclose(got0[n], ref[n]) for n in params)
+    # an existing ckpt.pt is resumed, not replaced by the init weights
+    cfg2 = train.FitConfig(**{**cfg.__dict__, "steps": 2, "init": str(tmp_path / "pre.pt")})
+    assert train.fit(cache, tmp_path / "run0", cfg2)["step"] == 2
+    got2 = torch.load(tmp_path / "run0" / "model.pt", weights_only=False)["model"]
+    assert all(torch.allclose(got2[n], got0[n]) for n in params)
+    # a missing init checkpoint is a clear WeightsError
+    from soma_cli.errors import WeightsError
+
+    with pytest.raises(WeightsError):
+        train.fit(cache, tmp_path / "run2", train.FitConfig(**{**cfg.__dict__, "init": str(tmp_path / "nope.pt")}))
