@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import coords, synth
+from . import coords
+from . import synth
+from .infer import resolve_device
 from .errors import ConfigError, DataError, OutputError
 from .model import net as netmod
 from .model import preprocess
@@ -438,16 +440,6 @@ class FitConfig:
     ckpt_every_s: float = 120.0
     warmup: float = 0.03
     init: str = ""  # start from this checkpoint's model weights (fresh optimizer and schedule)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but CUDA is not available")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda")
-    return torch.device(device)
 
 
 def _lr_at(frac: float, cfg: FitConfig) -> float:
