@@ -24,6 +24,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from ..errors import BandError, GeoreferenceError, InputError
+from ..model.preprocess import resolve_bands
 
 
 def gdal_env(cache_mb: int = 256) -> rasterio.Env:
@@ -133,19 +134,6 @@ class AlignedPair:
         return self.mov_src.read()
 
 
-def _parse_bands(bands: Optional[Sequence[int]], count: int) -> Tuple[int, ...]:
-    if bands is None:
-        if count >= 13:
-            return (4, 3, 2)
-        if count in (3, 4):
-            return (1, 2, 3)
-        return tuple(range(1, count + 1))
-    bad = [b for b in bands if not 1 <= int(b) <= count]
-    if bad:
-        raise BandError(f"--bands {','.join(map(str, bands))}: the optical raster has {count} band(s)")
-    return tuple(int(b) for b in bands)
-
-
 def open_pair(
     sar_path: Path,
     opt_path: Path,
@@ -165,7 +153,7 @@ def open_pair(
         check_readable(opt, "optical")
         if not 1 <= sar_band <= sar.count:
             raise BandError(f"SAR band {sar_band} out of range: the SAR raster has {sar.count} band(s)")
-        optical_bands = _parse_bands(bands, opt.count)
+        optical_bands = resolve_bands(opt.count, bands)
         ref, mov = (opt, sar) if reference == "opt" else (sar, opt)
         window = overlap_window(ref, mov)
         same_crs = ref.crs == mov.crs

@@ -52,24 +52,27 @@ def sar_to_log(sar: np.ndarray, kind: str = "auto", valid: Optional[np.ndarray] 
     return out.astype(np.float32)
 
 
+def resolve_bands(count: int, bands: Optional[Sequence[int]] = None) -> tuple:
+    """1-based optical bands to use from a ``count``-band image.  Default: 13-band Sentinel-2 ->
+    B4,B3,B2 (4,3,2); 3 or 4 bands -> the first three; otherwise all."""
+    if bands is None:
+        if count >= 13:
+            return (4, 3, 2)
+        if count in (3, 4):
+            return (1, 2, 3)
+        return tuple(range(1, count + 1))
+    bad = [b for b in bands if not 1 <= int(b) <= count]
+    if bad:
+        raise BandError(f"band(s) {bad} out of range: the optical image has {count} band(s)")
+    return tuple(int(b) for b in bands)
+
+
 def select_bands(optical: np.ndarray, bands: Optional[Sequence[int]] = None) -> np.ndarray:
-    """Pick 1-based ``bands`` from ``(C, H, W)``; default: 13-band Sentinel-2 -> B4,B3,B2 (4,3,2),
-    3 or 4 bands -> the first three, otherwise all."""
+    """Pick the :func:`resolve_bands` bands from ``(C, H, W)`` (or ``(H, W)``)."""
     arr = np.asarray(optical)
     if arr.ndim == 2:
         arr = arr[None]
-    n = arr.shape[0]
-    if bands is None:
-        if n >= 13:
-            bands = (4, 3, 2)
-        elif n in (3, 4):
-            bands = (1, 2, 3)
-        else:
-            bands = tuple(range(1, n + 1))
-    bad = [b for b in bands if not 1 <= int(b) <= n]
-    if bad:
-        raise BandError(f"band(s) {bad} out of range: the optical image has {n} band(s)")
-    return arr[[int(b) - 1 for b in bands]]
+    return arr[[b - 1 for b in resolve_bands(arr.shape[0], bands)]]
 
 
 def optical_to_gray(optical: np.ndarray) -> np.ndarray:
