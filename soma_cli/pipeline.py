@@ -120,6 +120,13 @@ class _Samples:
         cat = lambda a: np.concatenate(a) if a else np.zeros(0)  # noqa: E731
         return cat(self.x), cat(self.y), cat(self.dx), cat(self.dy), cat(self.cert)
 
+    def fit(self):
+        """Robust, certainty-weighted global affine of the samples: ``(2x3, stats)``."""
+        x, y, dx, dy, cert = self.arrays()
+        if x.size < 6:
+            raise MatchError("no valid flow estimate in the overlap")
+        return coords.fit_affine_points_np(x, y, x + dx, y + dy, np.maximum(cert, 1e-3))
+
 
 def default_threads() -> int:
     """CPU cores this process may use."""
@@ -285,10 +292,9 @@ class _Run:
             raw.add(strip, r0, c0)
         prior = None
         if self.opts.repair:
+            affine, _ = raw.fit()
             x, y, dx, dy, cert = raw.arrays()
-            if x.size >= 6:
-                affine, _ = coords.fit_affine_points_np(x, y, x + dx, y + dy, np.maximum(cert, 1e-3))
-                prior = FlowPrior(x, y, dx, dy, cert, affine, int(self.win.height), int(self.win.width), r0, c0)
+            prior = FlowPrior(x, y, dx, dy, cert, affine, int(self.win.height), int(self.win.width), r0, c0)
         total = int(self.win.height)
         for a in range(0, total, 512):
             h = min(512, total - a)
@@ -433,12 +439,12 @@ class _Run:
                         if fdst is not None:
                             self._write_flow_rows(fdst, strip, row_abs)
                     self._blank_rows(dst, bottom, pair.height, nodata, use_mask, nb)
-                affine, stats = self._fit()
+                affine, stats = self.samples.fit()
             else:
                 for strip in self._final_strips(scratch):
                     if fdst is not None:
                         self._write_flow_rows(fdst, strip, top + strip.row0)
-                affine, stats = self._fit()
+                affine, stats = self.samples.fit()
                 out_transform = self._write_affine(affine, prof, nodata, use_mask)
             if fdst is not None:
                 self._blank_flow(fdst, bottom, pair.height)
@@ -467,12 +473,6 @@ class _Run:
             output_transform=list(out_transform)[:6] if out_transform is not None else None,
             sar_scale=self.prep.sar_scale, qa=qa_summary,
         )
-
-    def _fit(self):
-        x, y, dx, dy, cert = self.samples.arrays()
-        if x.size < 6:
-            raise MatchError("no valid flow estimate in the overlap")
-        return coords.fit_affine_points_np(x, y, x + dx, y + dy, np.maximum(cert, 1e-3))
 
     def _write_affine(self, affine: np.ndarray, prof: dict, nodata, use_mask: bool):
         """Affine mode: same CRS -> the moving pixels unchanged under a corrected geotransform;
