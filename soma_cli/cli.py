@@ -326,6 +326,8 @@ def train_cmd(
     val_every: Annotated[int, typer.Option("--val-every", min=1)] = 200,
     val_chip: Annotated[int, typer.Option("--val-chip", min=64)] = 256,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (model.pt/best.pt/ckpt.pt; fresh optimizer and schedule).")] = None,
+    consistency: Annotated[float, typer.Option("--consistency", min=0, help="Weight of the self-consistency loss (0: off).")] = 1.0,
+    absolute: Annotated[float, typer.Option("--absolute", min=0, help="Weight of the losses against the synthetic deformation.")] = 0.3,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing cache.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ):
@@ -355,7 +357,8 @@ def train_cmd(
         return
     cfg = tr.FitConfig(steps=steps, time_budget_min=time_budget, batch_size=batch_size, crop=crop, lr=lr,
                        seed=seed, threads=threads, device=device, workers=workers, val_every=val_every,
-                       val_chip=val_chip, init=str(init) if init else "")
+                       val_chip=val_chip, init=str(init) if init else "", consistency=consistency,
+                       absolute=absolute)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -365,20 +368,21 @@ def train_cmd(
     def update(done: int, total: int, info: dict):
         txt = f"loss {info.get('loss', float('nan')):.3f}"
         if "val_cmr1" in info:
-            txt += f"  val CMR@1px {info['val_cmr1']:.2f}  median RMSE {info['val_median_rmse']:.2f} px"
+            txt += f"  val rel CMR@1px {info['val_cmr1']:.2f}  rel median {info['val_median_rmse']:.2f} px"
         bar.update(task, completed=done, total=total, info=txt)
 
     with bar:
         res = tr.fit(cache_path, out, cfg, progress=update)
     v = res["val"]
-    typer.echo(f"step {res['step']} ({res['stop']}): val CMR@1px {v['cmr1']:.3f}, median RMSE "
-               f"{v['median_rmse']:.3f} px; best {res['best_cmr1']:.3f}; checkpoints in {out}")
+    typer.echo(f"step {res['step']} ({res['stop']}): val relative CMR@1px {v['rel_cmr1']:.3f}, relative median "
+               f"{v['rel_median_rmse']:.3f} px (absolute: CMR@1px {v['cmr1']:.3f}, median {v['median_rmse']:.3f} px); "
+               f"best relative CMR@1px {res['best_cmr1']:.3f}; checkpoints in {out}")
 
 
 @app.command("export")
 def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="model.pt / best.pt / ckpt.pt of soma train.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Weights file, e.g. weights/soma-0.1.0.pt.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Weights file, e.g. weights/soma-0.2.0.pt.")],
     overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
     training_data: Annotated[str, typer.Option("--training-data", help="Recorded in the metadata.")] = "",
     training_command: Annotated[str, typer.Option("--training-command", help="Recorded in the metadata.")] = "",

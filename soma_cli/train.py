@@ -251,15 +251,13 @@ def _standardise_pair(opt: np.ndarray, sar_amp: np.ndarray, vo: np.ndarray, vs: 
 def make_sample(opt: np.ndarray, sar: np.ndarray, valid: np.ndarray, defo: synth.Deformation,
                 rng: Optional[np.random.Generator] = None) -> Dict[str, np.ndarray]:
     """One training/validation sample from co-registered crops: the SAR is deformed by ``defo``;
-    with ``rng``, photometric (optical) and speckle (SAR) augmentation are applied."""
+    with ``rng``, photometric (optical) and speckle (SAR) augmentation are applied.
+
+    The undeformed SAR (``sar0``, same augmentation) comes along, for the self-consistency loss and
+    the relative validation metric: the flow on the deformed pair should be the flow on the
+    undeformed pair followed by the deformation, whatever the pair's own residual misregistration."""
     opt = opt.astype(np.float32)
     sar = sar.astype(np.float32)
-    gt = defo.forward()
-    back = defo.backward()
-    sar_d = coords.warp_np(sar, back, order=1, cval=np.nan)
-    vs = coords.warp_np(valid.astype(np.float32), back, order=1, cval=0.0) > 0.99
-    vs &= np.isfinite(sar_d)
-    sar_d = np.nan_to_num(sar_d)
     if rng is not None:
         x = np.clip(opt / 255.0, 0, 1) ** float(np.exp(rng.uniform(-0.4, 0.4)))
         x = x * rng.uniform(0.7, 1.3) + rng.uniform(-0.1, 0.1)
@@ -267,10 +265,18 @@ def make_sample(opt: np.ndarray, sar: np.ndarray, valid: np.ndarray, defo: synth
         opt = (x * 255.0).astype(np.float32)
         if rng.random() < 0.7:  # multiplicative speckle: amplitude * sqrt(Gamma(L, 1/L))
             looks = rng.uniform(3.0, 30.0)
-            sar_d = sar_d * np.sqrt(rng.gamma(looks, 1.0 / looks, sar_d.shape)).astype(np.float32)
+            sar = sar * np.sqrt(rng.gamma(looks, 1.0 / looks, sar.shape)).astype(np.float32)
+    gt = defo.forward()
+    back = defo.backward()
+    sar_d = coords.warp_np(sar, back, order=1, cval=np.nan)
+    vs = coords.warp_np(valid.astype(np.float32), back, order=1, cval=0.0) > 0.99
+    vs &= np.isfinite(sar_d)
+    sar_d = np.nan_to_num(sar_d)
     o, s = _standardise_pair(opt, sar_d, valid, vs)
-    return {"opt": o[None], "sar": s[None], "opt_valid": valid[None].astype(np.float32),
-            "sar_valid": vs[None].astype(np.float32), "gt": gt.astype(np.float32)}
+    _, s0 = _standardise_pair(opt, sar, valid, valid)
+    f = np.float32
+    return {"opt": o[None], "sar": s[None], "opt_valid": valid[None].astype(f), "sar_valid": vs[None].astype(f),
+            "gt": gt.astype(f), "sar0": s0[None], "sar0_valid": valid[None].astype(f)}
 
 
 def draw_mixture(rng: np.random.Generator, h: int, w: int) -> synth.Deformation:
@@ -347,8 +353,50 @@ def gt_mask(gt: torch.Tensor, opt_valid: torch.Tensor, sar_valid: torch.Tensor) 
     return opt_valid * coords.inside_mask(gt, h, w) * (sv > 0.99).to(gt.dtype)
 
 
+def global_target(model: netmod.SomaNet, gt: torch.Tensor, mask: torch.Tensor,
+                  scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index into the flattened global scores ``(B, K * n * n)`` of the (rotation, translation)
+    hypothesis nearest to the ground truth, and whether it lies inside the hypothesis set.
+
+    The ground truth is reduced to a weighted affine at stride 8; its rotation picks the hypothesis
+    ``k``, and the translation is the one that, after that rotation, maps the level centre where
+    the ground-truth affine does."""
+    b, k, n, _ = scores.shape
+    g8 = coords.downsample_flow(gt, 8)
+    h8, w8 = g8.shape[-2:]
+    m8 = (F.avg_pool2d(mask, 8) > 0.99).to(gt.dtype).flatten(1)
+    pts = netmod.grid_points(b, h8, w8, gt.device, gt.dtype)
+    a = coords.fit_affine(pts, pts + g8.flatten(2).transpose(1, 2), m8)
+    theta = torch.atan2(a[:, 1, 0] - a[:, 0, 1], a[:, 0, 0] + a[:, 1, 1]) * (180.0 / math.pi)
+    kk = torch.round((theta + model.max_rotation) / model.rotation_step).long()
+    ok = (kk >= 0) & (kk < k)
+    kk = kk.clamp(0, k - 1)
+    rot = model.rotation_affines(b, h8, w8, gt.device, gt.dtype).view(b, k, 2, 3)[torch.arange(b, device=gt.device), kk]
+    c = torch.tensor([(w8 - 1) / 2.0, (h8 - 1) / 2.0], device=gt.device, dtype=gt.dtype).expand(b, 2)
+    p = torch.bmm(a[:, :, :2], c.unsqueeze(-1)).squeeze(-1) + a[:, :, 2]  # where the centre goes
+    s = torch.linalg.solve(rot[:, :, :2], (p - rot[:, :, 2]).unsqueeze(-1)).squeeze(-1) - c
+    r = (n - 1) // 2
+    ix = torch.round(s[:, 0]).long() + r
+    iy = torch.round(s[:, 1]).long() + r
+    ok = ok & (ix >= 0) & (ix < n) & (iy >= 0) & (iy < n) & (m8.sum(1) > 0.25 * m8.shape[1])
+    idx = kk * n * n + iy.clamp(0, n - 1) * n + ix.clamp(0, n - 1)
+    return idx, ok
+
+
+def match_ce(model: netmod.SomaNet, fo: torch.Tensor, fs: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor,
+             stride: int, temp: int, r: int = 3, agg: int = 7) -> torch.Tensor:
+    """Descriptor matching loss at one level: with the SAR descriptors warped by the ground truth,
+    the aggregated local correlation should peak at zero displacement (cross-entropy)."""
+    g = coords.downsample_flow(gt, stride)
+    m = (F.avg_pool2d(mask, stride) > 0.99).to(gt.dtype)
+    corr = netmod.box(netmod.local_corr(fo, coords.warp(fs, g), r), agg) * model.log_scale[temp].exp()
+    target = torch.full(corr[:, 0].shape, r * (2 * r + 1) + r, dtype=torch.long, device=gt.device)
+    ce = F.cross_entropy(corr.float(), target, reduction="none").unsqueeze(1)
+    return _masked_mean(ce, m)
+
+
 def compute_loss(out: Dict[str, torch.Tensor], gt: torch.Tensor, mask: torch.Tensor,
-                 opt_valid: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+                 opt_valid: torch.Tensor, model: netmod.SomaNet) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Multi-level robust loss (see module doc). Returns the total and its parts."""
     parts: Dict[str, torch.Tensor] = {}
     parts["flow"] = _masked_mean(_charb(out["flow"] - gt), mask)
@@ -359,29 +407,25 @@ def compute_loss(out: Dict[str, torch.Tensor], gt: torch.Tensor, mask: torch.Ten
     g8 = coords.downsample_flow(gt, 8)
     m8 = (F.avg_pool2d(mask, 8) > 0.99).to(gt.dtype)
     h8, w8 = g8.shape[-2:]
-    for key in ("affine16", "affine8", "affine4"):
+    for key in ("affine_global", "affine8", "affine4"):
         af = coords.affine_to_flow(coords.scale_affine(out[key], 8.0), h8, w8)
         parts[key] = _masked_mean(_charb((af - g8) * 8.0, 1.0), m8)
-    # global correlation: cross-entropy towards the ground-truth coarse cell
-    logits = out["global_logits"]
-    b, n, mm = logits.shape
-    g16 = coords.downsample_flow(gt, 16)
-    h16, w16 = g16.shape[-2:]
-    pos = coords.base_grid(b, h16, w16, gt.device, gt.dtype) + g16
-    cx = torch.round(pos[:, 0]).long()
-    cy = torch.round(pos[:, 1]).long()
-    ok = (cx >= 0) & (cx < w16) & (cy >= 0) & (cy < h16) & (F.avg_pool2d(mask, 16)[:, 0] > 0.5)
-    idx = (cy.clamp(0, h16 - 1) * w16 + cx.clamp(0, w16 - 1)).flatten(1)
-    ce = F.cross_entropy(logits.reshape(b * n, mm).float(), idx.reshape(-1), reduction="none")
-    okf = ok.flatten().to(ce.dtype)
+    # global hypotheses: cross-entropy towards the ground-truth (rotation, translation) bin
+    scores = out["global_scores"]
+    idx, ok = global_target(model, gt, mask, scores)
+    ce = F.cross_entropy(scores.flatten(1).float(), idx, reduction="none")
+    okf = ok.to(ce.dtype)
     parts["global_ce"] = (ce * okf).sum() / okf.sum().clamp(min=1.0)
+    # descriptor matching at strides 4 and 2
+    parts["match4"] = match_ce(model, out["desc_opt4"], out["desc_sar4"], gt, mask, 4, 3)
+    parts["match2"] = match_ce(model, out["desc_opt2"], out["desc_sar2"], gt, mask, 2, 4)
     # certainty: BCE towards "error < 1 px" (0 where there is no valid match)
     err = torch.sqrt(((out["flow"].detach() - gt) ** 2).sum(1, keepdim=True))
     target = mask * (err < 1.0).to(gt.dtype)
     bce = F.binary_cross_entropy_with_logits(out["logit"].float(), target.float(), reduction="none")
     parts["cert"] = _masked_mean(bce, opt_valid)
-    weights = {"flow": 1.0, "flow2": 1.0, "flow4": 1.0, "affine16": 0.3, "affine8": 0.3, "affine4": 0.3,
-               "global_ce": 0.5, "cert": 0.5}
+    weights = {"flow": 1.0, "flow2": 1.0, "flow4": 1.0, "affine_global": 0.1, "affine8": 0.3, "affine4": 0.3,
+               "global_ce": 0.3, "match4": 0.5, "match2": 0.5, "cert": 0.3}
     total = sum(weights[k] * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
@@ -392,30 +436,58 @@ def chip_rmse(flow: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> torch
     return torch.sqrt((e2 * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1.0))
 
 
+def consistency_loss(flow0: torch.Tensor, flow1: torch.Tensor, gt: torch.Tensor,
+                     opt_valid: torch.Tensor) -> torch.Tensor:
+    """Self-consistency (the relative metric of ``soma evaluate``, as a loss): the flow ``flow1`` on
+    the deformed pair should equal ``flow0 + D(q + flow0)``, the flow on the undeformed pair followed
+    by the known deformation ``D`` (``gt``).  Independent of the pair's own misregistration."""
+    h, w = gt.shape[-2:]
+    expected = flow0 + coords.warp(gt, flow0)
+    m = opt_valid * coords.inside_mask(flow0, h, w) * coords.inside_mask(expected, h, w)
+    return _masked_mean(_charb(flow1 - expected), m)
+
+
+def relative_rmse(flow0: torch.Tensor, flow1: torch.Tensor, gt: torch.Tensor, opt_valid: torch.Tensor) -> torch.Tensor:
+    """Per-chip self-consistency RMSE ``(B,)`` (see :func:`consistency_loss`)."""
+    h, w = gt.shape[-2:]
+    expected = flow0 + coords.warp(gt, flow0)
+    m = opt_valid * coords.inside_mask(flow0, h, w) * coords.inside_mask(expected, h, w)
+    return chip_rmse(flow1, expected, m)
+
+
 @torch.no_grad()
 def validate(model: torch.nn.Module, chips: List[Dict[str, np.ndarray]], device: torch.device,
              batch_size: int = 4) -> dict:
-    """CMR@1px (share of chips with RMSE < 1 px), median RMSE, per protocol and overall."""
+    """Per protocol and overall: the relative (self-consistency) CMR@1px and median RMSE, which
+    select checkpoints, and the absolute ones against the synthetic deformation."""
     was = model.training
     model.eval()
     rmses: List[float] = []
+    rel: List[float] = []
     protos: List[str] = []
     for i in range(0, len(chips), batch_size):
         group = chips[i:i + batch_size]
         t = {k: torch.from_numpy(np.stack([c[k] for c in group])).to(device)
-             for k in ("opt", "sar", "opt_valid", "sar_valid", "gt")}
+             for k in ("opt", "sar", "opt_valid", "sar_valid", "gt", "sar0", "sar0_valid")}
         flow, _ = model(t["opt"], t["sar"], t["opt_valid"], t["sar_valid"])
+        flow0, _ = model(t["opt"], t["sar0"], t["opt_valid"], t["sar0_valid"])
         m = gt_mask(t["gt"], t["opt_valid"], t["sar_valid"])
         rmses += chip_rmse(flow.float(), t["gt"], m).cpu().tolist()
+        rel += relative_rmse(flow0.float(), flow.float(), t["gt"], t["opt_valid"]).cpu().tolist()
         protos += [c["protocol"] for c in group]
     model.train(was)
     r = np.array(rmses)
-    res = {"cmr1": float((r < 1.0).mean()) if r.size else float("nan"),
+    q = np.array(rel)
+    res = {"rel_cmr1": float((q < 1.0).mean()) if q.size else float("nan"),
+           "rel_median_rmse": float(np.median(q)) if q.size else float("nan"),
+           "cmr1": float((r < 1.0).mean()) if r.size else float("nan"),
            "median_rmse": float(np.median(r)) if r.size else float("nan"), "n": int(r.size)}
     for p in sorted(set(protos)):
-        rp = r[np.array(protos) == p]
-        res[f"cmr1_{p}"] = float((rp < 1.0).mean())
-        res[f"median_rmse_{p}"] = float(np.median(rp))
+        sel = np.array(protos) == p
+        res[f"rel_cmr1_{p}"] = float((q[sel] < 1.0).mean())
+        res[f"rel_median_rmse_{p}"] = float(np.median(q[sel]))
+        res[f"cmr1_{p}"] = float((r[sel] < 1.0).mean())
+        res[f"median_rmse_{p}"] = float(np.median(r[sel]))
     return res
 
 
@@ -440,6 +512,8 @@ class FitConfig:
     ckpt_every_s: float = 120.0
     warmup: float = 0.03
     init: str = ""  # start from this checkpoint's model weights (fresh optimizer and schedule)
+    consistency: float = 1.0  # weight of the self-consistency loss (0: off, one forward pass per step)
+    absolute: float = 0.3  # weight of the losses against the synthetic deformation
 
 
 def _lr_at(frac: float, cfg: FitConfig) -> float:
@@ -460,10 +534,10 @@ def _worker_init(_: int) -> None:
 
 
 def _better(val: dict, best: float, best_rmse: float) -> bool:
-    """Best checkpoint: higher CMR@1px, ties broken by a lower median RMSE."""
-    if val["cmr1"] != best:
-        return val["cmr1"] > best
-    return not (val["median_rmse"] > best_rmse)
+    """Best checkpoint: higher relative CMR@1px, ties broken by a lower relative median RMSE."""
+    if val["rel_cmr1"] != best:
+        return val["rel_cmr1"] > best
+    return not (val["rel_median_rmse"] > best_rmse)
 
 
 def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Progress] = None) -> dict:
@@ -527,8 +601,16 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
     )
     t0 = time.time()
     last_ckpt = t0
-    model.train()
     val: Optional[dict] = history[-1]["val"] if history and history[-1].get("val") else None
+    if step == 0 and not history:
+        # the starting point is a candidate too: training must beat it to replace best.pt
+        val = validate(model, chips, device)
+        history.append({"step": 0, "val": val})
+        best, best_rmse = val["rel_cmr1"], val["rel_median_rmse"]
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        _atomic_torch_save({"model": sd, **state(val)}, out_dir / "best.pt")
+        log({"step": 0, "val": val})
+    model.train()
     ema: Optional[float] = None
     stop_reason = "steps"
     for batch in (loader if step < cfg.steps else []):
@@ -545,7 +627,12 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
         b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = model.run(b["opt"], b["sar"], b["opt_valid"], b["sar_valid"])
         mask = gt_mask(b["gt"], b["opt_valid"], b["sar_valid"])
-        loss, parts = compute_loss(out, b["gt"], mask, b["opt_valid"])
+        loss, parts = compute_loss(out, b["gt"], mask, b["opt_valid"], model)
+        if cfg.consistency > 0:
+            out0 = model.run(b["opt"], b["sar0"], b["opt_valid"], b["sar0_valid"])
+            cons = consistency_loss(out0["flow"], out["flow"], b["gt"], b["opt_valid"])
+            parts["consistency"] = float(cons.detach())
+            loss = cfg.absolute * loss + cfg.consistency * cons
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
@@ -560,7 +647,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
             rec["val"] = val
             history.append({"step": step, "val": val})
             if _better(val, best, best_rmse):
-                best, best_rmse = val["cmr1"], val["median_rmse"]
+                best, best_rmse = val["rel_cmr1"], val["rel_median_rmse"]
                 sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
                 _atomic_torch_save({"model": sd, **state(val)}, out_dir / "best.pt")
         log(rec)
@@ -570,13 +657,13 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
         if progress is not None:
             info = {"loss": ema, "lr": lr, "elapsed": elapsed_before + time.time() - t0}
             if val is not None:
-                info["val_cmr1"] = val["cmr1"]
-                info["val_median_rmse"] = val["median_rmse"]
+                info["val_cmr1"] = val["rel_cmr1"]
+                info["val_median_rmse"] = val["rel_median_rmse"]
             progress(step, cfg.steps, info)
     final_val = validate(model, chips, device)
     history.append({"step": step, "val": final_val})
     if _better(final_val, best, best_rmse):
-        best, best_rmse = final_val["cmr1"], final_val["median_rmse"]
+        best, best_rmse = final_val["rel_cmr1"], final_val["rel_median_rmse"]
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         _atomic_torch_save({"model": sd, **state(final_val)}, out_dir / "best.pt")
     save(final_val)

@@ -1,4 +1,4 @@
-"""The SOMA network (CPU-sized): two-stream CNN encoder with FGE, and GLAM (global-local affine-flow
+"""The SOMA network (CPU-sized): two-stream encoder with FGE, and GLAM (global-local affine-flow
 matching) ending in a dense flow and a certainty.
 
 Contract (RoMa-like)::
@@ -9,19 +9,30 @@ Contract (RoMa-like)::
 ``H``/``W`` multiples of :data:`TILE_MULTIPLE`; ``flow`` is ``(B, 2, H, W)`` in pixels on the optical
 grid (:mod:`soma_cli.coords` convention: optical pixel ``q`` matches the SAR at ``q + flow(q)``) and
 ``certainty`` ``(B, 1, H, W)`` in ``[0, 1]``.  :meth:`SomaNet.run` returns every intermediate (per
-level affines and flows, logits) for training.  Every warp, affine and flow resampling goes through
-:mod:`soma_cli.coords`.  The module is ``torch.jit.script``-able.
+level affines and flows, global scores, logits) for training.  Every warp, affine and flow resampling
+goes through :mod:`soma_cli.coords`.  The module is ``torch.jit.script``-able.
 
-Structure:
+Structure (version 2, "structure first"):
 
-* encoder per modality (separate weights): strided conv blocks at strides 2, 4, 8, 16; an FGE
-  (Feature Gradient Enhancer) after the stride 2, 4 and 8 blocks;
-* GLAM: (1) global affine at stride 16 from an all-pairs correlation (L2-normalised features, softmax
-  with a learnt temperature, windowed soft-argmax around the best match, weighted IRLS affine fit);
-  (2) affine refinement at stride 8 and 4 (warp, local correlation, soft-argmax, weighted affine
-  update composed as ``compose_affine(current, update)``); (3) dense flow at stride 4 and 2 (local
-  correlation + features -> flow update and certainty logit), upsampled with the flow rescaled, and a
-  tiny full-resolution head on shallow features.
+* **encoder** per modality (separate weights).  A level-0 FGE on the image (learnable oriented
+  gradient filters, 8 directions x 3x3 and 5x5, initialised from exactly rotated Sobel kernels,
+  polarity-free magnitude, per-channel gain) gives a dense structural descriptor; it is pooled into
+  cells at strides 2, 4 and 8.  A small CNN trunk with an FGE (oriented filters on deep features,
+  channel and spatial attention, reconstruction, residual) after its stride 2, 4 and 8 blocks adds
+  learnt channels at each of those levels.  The matching descriptor of a level is the concatenation,
+  centred per channel and L2-normalised per position (:func:`l2n`).
+* **GLAM**: (1) a global affine at stride 8: the SAR descriptor is rotated by a set of hypotheses
+  (+-20 degrees) and correlated with the optical one over all translations (masked mean
+  correlation, by FFT); the best (rotation, translation) with a parabolic sub-cell peak gives the
+  affine; (2) affine refinement at strides 8 and 4: local correlation of the warped descriptors,
+  aggregated over windows (cost aggregation), sub-pixel peaks, confidence-weighted IRLS affine fit,
+  composed as ``compose_affine(current, update)``; (3) dense flow at strides 4, 2 and full
+  resolution: aggregated local correlation -> sub-pixel peak, confidence-weighted smoothing, and a
+  small head that adds a flow correction and the certainty logit; flows are rescaled when upsampled.
+
+At initialisation the learnt channels are small and the descriptor is a CFOG-like oriented-gradient
+descriptor, so the untrained network already matches like a structural-gradient matcher; training
+tunes the filters, the learnt channels, the temperatures and the heads.
 """
 
 from __future__ import annotations
@@ -111,27 +122,84 @@ class FGE(nn.Module):
         return x + self.recon(e)
 
 
-class Encoder(nn.Module):
-    """One modality: features at strides 2, 4, 8 (FGE-enhanced) and 16, plus full-res shallow ones."""
+class GradientDescriptor(nn.Module):
+    """Level-0 FGE on the image: Gaussian pre-smoothing (sigma 1), learnable oriented gradient filters
+    (8 directions x 3x3 and 5x5, exactly rotated Sobel initialisation), polarity-free magnitude and a
+    learnable per-channel gain.  ``(B, 1, H, W)`` -> ``(B, 16, H, W)``."""
 
-    def __init__(self, ch: List[int]):
+    def __init__(self):
         super().__init__()
-        self.shallow = conv(1, 8)
+        self.n_dir = len(ANGLES_DEG)
+        self.k3 = nn.Parameter(oriented_kernels(3, ANGLES_DEG) / 8.0)
+        self.k5 = nn.Parameter(oriented_kernels(5, ANGLES_DEG) / 96.0)
+        self.gain = nn.Parameter(torch.ones(2 * self.n_dir))
+        self.register_buffer("g1", gaussian_1d(1.0, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xs = blur(x, self.g1)
+        e3 = F.conv2d(xs, self.k3.unsqueeze(1), padding=1)
+        e5 = F.conv2d(xs, self.k5.unsqueeze(1), padding=2)
+        return torch.cat([e3, e5], 1).abs() * self.gain.view(1, -1, 1, 1)
+
+
+def gaussian_1d(sigma: float, radius: int) -> torch.Tensor:
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    return g / g.sum()
+
+
+def blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Separable depthwise blur with the 1-D kernel ``g`` (replicate padding)."""
+    c = x.shape[1]
+    r = (g.shape[0] - 1) // 2
+    kx = g.view(1, 1, 1, -1).expand(c, 1, 1, g.shape[0])
+    ky = g.view(1, 1, -1, 1).expand(c, 1, g.shape[0], 1)
+    x = F.conv2d(F.pad(x, [r, r, 0, 0], mode="replicate"), kx, groups=c)
+    return F.conv2d(F.pad(x, [0, 0, r, r], mode="replicate"), ky, groups=c)
+
+
+def cell_pool(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Overlapping cells (``2s`` wide, stride ``s``): full resolution -> stride-``s`` level."""
+    return F.avg_pool2d(x, 2 * s, s, s // 2, count_include_pad=False)
+
+
+def box(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over a ``k x k`` window (odd ``k``; stride 1, same size; borders average what is inside),
+    as two separable passes."""
+    x = F.avg_pool2d(x, [1, k], 1, [0, k // 2], count_include_pad=False)
+    return F.avg_pool2d(x, [k, 1], 1, [k // 2, 0], count_include_pad=False)
+
+
+class Encoder(nn.Module):
+    """One modality: raw matching descriptors at strides 1, 2, 4 and 8 (see the module doc)."""
+
+    def __init__(self, ch: List[int], learnt: int = 16):
+        super().__init__()
+        self.grad = GradientDescriptor()
+        self.register_buffer("g2", gaussian_1d(2.0, 4))
         self.l1 = nn.Sequential(conv(1, ch[0], 2), conv(ch[0], ch[0]))
         self.l2 = nn.Sequential(conv(ch[0], ch[1], 2), conv(ch[1], ch[1]))
         self.l3 = nn.Sequential(conv(ch[1], ch[2], 2), conv(ch[2], ch[2]))
-        self.l4 = nn.Sequential(conv(ch[2], ch[3], 2), conv(ch[3], ch[3]), nn.Conv2d(ch[3], ch[3], 1))
         self.fge1 = FGE(ch[0], 4)
         self.fge2 = FGE(ch[1], 8)
         self.fge3 = FGE(ch[2], 8)
+        self.p2 = nn.Conv2d(ch[0], learnt, 1)
+        self.p4 = nn.Conv2d(ch[1], learnt, 1)
+        self.p8 = nn.Conv2d(ch[2], learnt, 1)
+        for p in (self.p2, self.p4, self.p8):
+            nn.init.normal_(p.weight, std=0.02)
+            nn.init.zeros_(p.bias)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        f0 = self.shallow(x)
+        e = self.grad(x)
         f1 = self.fge1(self.l1(x))
         f2 = self.fge2(self.l2(f1))
         f3 = self.fge3(self.l3(f2))
-        f4 = self.l4(f3)
-        return [f0, f1, f2, f3, f4]
+        m1 = blur(e, self.g2)
+        m2 = torch.cat([cell_pool(e, 2), self.p2(f1)], 1)
+        m4 = torch.cat([cell_pool(e, 4), self.p4(f2)], 1)
+        m8 = torch.cat([cell_pool(e, 8), self.p8(f3)], 1)
+        return [m1, m2, m4, m8]
 
 
 def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int) -> torch.Tensor:
@@ -144,22 +212,6 @@ def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int) -> torch.Tensor:
         for dx in range(2 * r + 1):
             out.append((f1 * f2p[:, :, dy:dy + h, dx:dx + w]).sum(1, keepdim=True))
     return torch.cat(out, 1)
-
-
-def corr_offsets(r: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``(1, K, 2, 1, 1)`` displacement ``(dx, dy)`` of each :func:`local_corr` channel."""
-    d = torch.arange(-r, r + 1, device=device, dtype=dtype)
-    dy = d.view(-1, 1).expand(2 * r + 1, 2 * r + 1).reshape(-1)
-    dx = d.view(1, -1).expand(2 * r + 1, 2 * r + 1).reshape(-1)
-    return torch.stack([dx, dy], 1).view(1, -1, 2, 1, 1)
-
-
-def soft_argmax_local(logits: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Local correlation logits -> expected displacement ``(B, 2, H, W)`` and peak probability."""
-    p = torch.softmax(logits, 1)
-    off = corr_offsets(r, logits.device, logits.dtype)
-    disp = (p.unsqueeze(2) * off).sum(1)
-    return disp, p.amax(1, keepdim=True)
 
 
 def l2n(x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +234,52 @@ def irls_affine(pts: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, k: float,
 def grid_points(b: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``(b, h*w, 2)`` pixel-centre coordinates (x, y) of a level grid."""
     return coords.base_grid(b, h, w, device, dtype).flatten(2).transpose(1, 2)
+
+
+def peak_subpixel(corr: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Displacement ``(B, 2, H, W)`` of the best :func:`local_corr` channel, refined per axis by a
+    parabola through the peak and its two neighbours, and ``(B, 1, H, W)`` = 1 where the peak is
+    inside the search window (a peak on its border is no peak: the true one may lie beyond)."""
+    n = 2 * r + 1
+    idx = corr.argmax(1, keepdim=True)
+    iy = torch.div(idx, n, rounding_mode="floor")
+    ix = idx - iy * n
+    c0 = torch.gather(corr, 1, idx)
+    cxm = torch.gather(corr, 1, iy * n + (ix - 1).clamp(min=0))
+    cxp = torch.gather(corr, 1, iy * n + (ix + 1).clamp(max=n - 1))
+    cym = torch.gather(corr, 1, (iy - 1).clamp(min=0) * n + ix)
+    cyp = torch.gather(corr, 1, (iy + 1).clamp(max=n - 1) * n + ix)
+    okx = ((ix > 0) & (ix < n - 1)).to(corr.dtype)
+    oky = ((iy > 0) & (iy < n - 1)).to(corr.dtype)
+    ox = parabola(cxm, c0, cxp) * okx
+    oy = parabola(cym, c0, cyp) * oky
+    return torch.cat([ix.to(corr.dtype) - r + ox, iy.to(corr.dtype) - r + oy], 1), okx * oky
+
+
+def parabola(cm: torch.Tensor, c0: torch.Tensor, cp: torch.Tensor) -> torch.Tensor:
+    """Vertex offset in ``[-0.5, 0.5]`` of the parabola through ``(-1, cm), (0, c0), (1, cp)``."""
+    den = (cm - 2.0 * c0 + cp).clamp(max=-1e-6)
+    return (0.5 * (cm - cp) / den).clamp(-0.5, 0.5)
+
+
+def xcorr_shifts(a: torch.Tensor, b: torch.Tensor, r: int) -> torch.Tensor:
+    """``(N, 2r+1, 2r+1)``: ``out[n, r+dy, r+dx] = sum_{c,q} a[n,c,q] b[n,c,q+(dx,dy)]`` (zero outside),
+    by zero-padded FFTs."""
+    h = a.shape[-2]
+    w = a.shape[-1]
+    hh = h + r + 1
+    ww = w + r + 1
+    fa = torch.fft.rfft2(a, s=[hh, ww])
+    fb = torch.fft.rfft2(b, s=[hh, ww])
+    c = torch.fft.irfft2((fa.conj() * fb).sum(1), s=[hh, ww])
+    rows = torch.cat([c[:, hh - r:], c[:, :r + 1]], 1)
+    return torch.cat([rows[:, :, ww - r:], rows[:, :, :r + 1]], 2)
+
+
+def norm_conv(x: torch.Tensor, w: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weighted window mean of ``x`` (weights ``w``) and the window mean of ``w``."""
+    ws = box(w, k)
+    return box(x * w, k) / ws.clamp(min=1e-4), ws
 
 
 class DenseHead(nn.Module):
@@ -208,83 +306,129 @@ class DenseHead(nn.Module):
 
 
 class SomaNet(nn.Module):
-    def __init__(self, ch: Optional[List[int]] = None, coarse_dim: int = 64):
+    def __init__(self, ch: Optional[List[int]] = None, learnt: int = 16):
         super().__init__()
         if ch is None:
-            ch = [16, 32, 48, 96]
+            ch = [16, 32, 64]
         self.ch = ch
-        self.enc_opt = Encoder(ch)
-        self.enc_sar = Encoder(ch)
-        self.proj_opt = nn.Conv2d(ch[3], coarse_dim, 1)
-        self.proj_sar = nn.Conv2d(ch[3], coarse_dim, 1)
-        # log temperatures of the cosine-similarity softmaxes (global, 1/8, 1/4 affine, 1/4, 1/2, 1)
-        self.log_scale = nn.Parameter(torch.full((6,), math.log(10.0)))
-        self.prior_weight = 0.05
-        self.r_global = 2  # soft-argmax window around the best global match (cells)
-        self.r_aff = 4
-        self.r4 = 4
+        self.enc_opt = Encoder(ch, learnt)
+        self.enc_sar = Encoder(ch, learnt)
+        # log temperatures of the correlation softmaxes (global, 1/8, 1/4 affine, 1/4, 1/2, 1 dense);
+        # they only shape the confidences and the global scores, not the sub-pixel peaks
+        self.log_scale = nn.Parameter(torch.full((6,), math.log(50.0)))
+        self.max_rotation = 20.0
+        self.rotation_step = 4.0
+        self.r_global = 10  # translation search at stride 8 (cells): +-80 px
+        self.min_overlap = 0.3
+        # (search radius, aggregation window) per stage
+        self.r_aff = 3
+        self.agg8 = 5
+        self.agg4 = 9
+        self.r4 = 3
         self.r2 = 3
-        self.r1 = 2
-        k4 = (2 * self.r4 + 1) ** 2
-        k2 = (2 * self.r2 + 1) ** 2
-        k1 = (2 * self.r1 + 1) ** 2
-        self.head4 = DenseHead(k4 + 2 * ch[1] + 2, 48)
-        self.head2 = DenseHead(k2 + 2 * ch[0] + 2 + 1, 32)
-        self.head1 = DenseHead(k1 + 16 + 2 + 1, 16)
+        self.r1 = 1
+        self.aggd4 = 15
+        self.aggd2 = 31
+        self.aggd1 = 63
+        self.smooth4 = 61
+        self.smooth2 = 61
+        self.smooth1 = 121
+        self.shrink = 0.02
+        self.head4 = DenseHead(6, 16)
+        self.head2 = DenseHead(7, 16)
+        self.head1 = DenseHead(7, 16)
 
     # -- stages ---------------------------------------------------------------------------------
 
-    def global_affine(self, fo: torch.Tensor, fs: torch.Tensor, wo: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """All-pairs match at the coarse level -> affine in level pixels, plus the match logits."""
-        b, c, h, w = fo.shape
-        a = l2n(fo).flatten(2)
-        s = l2n(fs).flatten(2)
-        logits = torch.bmm(a.transpose(1, 2), s) * self.log_scale[0].exp()  # (B, N, M)
-        prob = torch.softmax(logits, -1)
-        pts = grid_points(b, h, w, fo.device, fo.dtype)  # (B, M, 2)
-        best = torch.gather(pts, 1, prob.argmax(-1).unsqueeze(-1).expand(b, h * w, 2))  # (B, N, 2)
-        d2 = ((pts.unsqueeze(1) - best.unsqueeze(2)) ** 2).sum(-1)  # (B, N, M)
-        p = prob * (d2 <= float(self.r_global * self.r_global)).to(prob.dtype)
-        mass = p.sum(-1)
-        tgt = torch.bmm(p, pts) / mass.unsqueeze(-1).clamp(min=1e-6)
-        wgt = mass * wo.flatten(1)
-        # identity prior: every cell also votes for "no motion" with a small weight, so that
-        # unconfident (untrained, featureless) correlations give the identity, not a collapsed fit
-        prior = torch.full_like(wgt, self.prior_weight)
-        aff = irls_affine(torch.cat([pts, pts], 1), torch.cat([tgt, pts], 1), torch.cat([wgt, prior], 1), 1.0, 3)
-        return {"affine": aff, "logits": logits, "target": tgt, "conf": mass}
+    def n_rotations(self) -> int:
+        return int(round(2.0 * self.max_rotation / self.rotation_step)) + 1
 
-    def refine_affine(self, fo: torch.Tensor, fs: torch.Tensor, wo: torch.Tensor, a_full: torch.Tensor,
-                      stride: int, temp: int) -> torch.Tensor:
+    def rotation_affines(self, b: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``(b * K, 2, 3)`` level-pixel affines ``p = R(t) (q - c) + c`` of the K rotation hypotheses
+        (hypothesis fastest), ``c`` the level centre."""
+        k = self.n_rotations()
+        t = (torch.arange(k, device=device, dtype=dtype) * self.rotation_step - self.max_rotation) * (math.pi / 180.0)
+        cos = torch.cos(t)
+        sin = torch.sin(t)
+        cx = (w - 1) / 2.0
+        cy = (h - 1) / 2.0
+        tx = cx - (cos * cx - sin * cy)
+        ty = cy - (sin * cx + cos * cy)
+        a = torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
+        return a.unsqueeze(0).expand(b, k, 2, 3).reshape(b * k, 2, 3)
+
+    def global_affine(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor,
+                      vs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rotation hypotheses x all translations at stride 8 -> (affine in level pixels, scores
+        ``(B, K, 2R+1, 2R+1)`` as logits)."""
+        b, c, h, w = mo.shape
+        k = self.n_rotations()
+        r = self.r_global
+        rot = self.rotation_affines(b, h, w, mo.device, mo.dtype)
+        fl = coords.affine_to_flow(rot, h, w)
+        msr = coords.warp(ms.repeat_interleave(k, 0), fl)
+        vsr = (coords.warp(vs.repeat_interleave(k, 0), fl) > 0.99).to(mo.dtype)
+        mor = (mo * vo).repeat_interleave(k, 0)
+        vor = vo.repeat_interleave(k, 0)
+        num = xcorr_shifts(mor, msr * vsr, r)
+        den = xcorr_shifts(vor, vsr, r)
+        score = num / den.clamp(min=self.min_overlap * float(h * w))  # mean cosine over the overlap
+        n = 2 * r + 1
+        logits = score.view(b, k, n, n) * self.log_scale[0].exp()
+        best = logits.flatten(1).argmax(1)  # (B,)
+        kb = torch.div(best, n * n, rounding_mode="floor")
+        cell = best - kb * n * n
+        sel = logits[torch.arange(b, device=mo.device), kb].reshape(b, n * n, 1, 1)
+        d = peak_subpixel(sel, r)[0].view(b, 2)
+        rsel = rot.view(b, k, 2, 3)[torch.arange(b, device=mo.device), kb]
+        eye = torch.eye(2, device=mo.device, dtype=mo.dtype).unsqueeze(0).expand(b, 2, 2)
+        shift = torch.cat([eye, d.unsqueeze(-1)], -1)
+        return coords.compose_affine(rsel, shift), logits
+
+    def match_local(self, mo: torch.Tensor, ms: torch.Tensor, flow: torch.Tensor, r: int, agg: int,
+                    temp: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Warp ``ms`` by ``flow`` (level pixels), aggregated local correlation with ``mo``;
+        returns (aggregated correlation, sub-pixel displacement, peak confidence, warped SAR validity)."""
+        fsw = coords.warp(ms, flow)
+        corr = box(local_corr(mo, fsw, r), agg)
+        disp, interior = peak_subpixel(corr, r)
+        conf = torch.softmax(corr * self.log_scale[temp].exp(), 1).amax(1, keepdim=True) * interior
+        return corr, disp, conf, coords.inside_mask(flow, mo.shape[-2], mo.shape[-1])
+
+    def refine_affine(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, a_full: torch.Tensor,
+                      stride: int, agg: int, temp: int) -> torch.Tensor:
         """One affine refinement at ``stride``; returns the updated full-resolution affine."""
-        b, c, h, w = fo.shape
+        b, c, h, w = mo.shape
         a_lvl = coords.scale_affine(a_full, float(stride))
         fl = coords.affine_to_flow(a_lvl, h, w).detach()
-        fsw = coords.warp(fs, fl)
-        corr = local_corr(l2n(fo), l2n(fsw), self.r_aff) * self.log_scale[temp].exp()
-        disp, conf = soft_argmax_local(corr, self.r_aff)
-        pts = grid_points(b, h, w, fo.device, fo.dtype)
+        _, disp, conf, inside = self.match_local(mo, ms, fl, self.r_aff, agg, temp)
+        pts = grid_points(b, h, w, mo.device, mo.dtype)
         tgt = pts + disp.flatten(2).transpose(1, 2)
-        upd = irls_affine(pts, tgt, (conf * wo).flatten(1), 1.0, 2)
-        a_lvl = coords.compose_affine(a_lvl, upd)
-        return coords.scale_affine(a_lvl, 1.0 / float(stride))
+        upd = irls_affine(pts, tgt, (conf * vo * inside).flatten(1), 1.0, 3)
+        return coords.scale_affine(coords.compose_affine(a_lvl, upd), 1.0 / float(stride))
 
-    def dense_input(self, fo: torch.Tensor, fs: torch.Tensor, flow: torch.Tensor, r: int, temp: int,
+    def dense_input(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, flow: torch.Tensor,
+                    r: int, agg: int, smooth: int, temp: int,
                     prev_logit: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Head input for a flow (level pixels) refinement: local correlation of the SAR features
-        warped by the current flow, features, soft-argmax; returns it and the new base flow."""
+        """Dense refinement of a level flow: aggregated correlation peaks, then a robust consensus
+        (confidence-weighted window means with Cauchy re-weighting, shrunk towards no update where
+        the support is weak); returns (head input, refined base flow)."""
         flow = flow.detach()
-        fsw = coords.warp(fs, flow)
-        scale = self.log_scale[temp].exp()
-        corr = local_corr(l2n(fo), l2n(fsw), r)
-        disp, conf = soft_argmax_local(corr * scale, r)
-        parts = [corr, fo, fsw, disp]
+        corr, disp, conf, inside = self.match_local(mo, ms, flow, r, agg, temp)
+        w = conf * vo * inside
+        disp_s, sup = norm_conv(disp, w, smooth)
+        for _ in range(2):
+            res2 = ((disp - disp_s) ** 2).sum(1, keepdim=True)
+            disp_s, sup = norm_conv(disp, w / (1.0 + res2), smooth)
+        disp_s = disp_s * (sup / (sup + self.shrink))
+        parts = [disp, disp_s, conf, sup]
         if prev_logit is not None:
             parts.append(prev_logit)
-        return torch.cat(parts, 1), flow + disp
+        return torch.cat(parts, 1), flow + disp_s
 
     def dense_output(self, out: torch.Tensor, base: torch.Tensor,
                      prev_logit: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Head output -> (flow = base + correction, certainty logit accumulated over levels)."""
         logit = out[:, 2:3]
         if prev_logit is not None:
             logit = logit + prev_logit
@@ -292,49 +436,54 @@ class SomaNet(nn.Module):
 
     def run(self, opt: torch.Tensor, sar: torch.Tensor, opt_valid: Optional[torch.Tensor] = None,
             sar_valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Full pass returning intermediates: affines (full-res pixels), per-level flows (level
-        pixels), the final flow and certainty logit."""
-        b, _, hh, ww = opt.shape
+        """Full pass returning intermediates: affines (full-resolution pixels), global scores,
+        per-level flows (level pixels), the final flow and certainty logit."""
         if opt_valid is None:
             vo = torch.ones_like(opt)
         else:
             vo = opt_valid.to(opt.dtype)
-        if sar_valid is not None:
-            sar = sar * sar_valid.to(sar.dtype)
-        opt = opt * vo
-        fo = self.enc_opt(opt)
-        fs = self.enc_sar(sar)
+        if sar_valid is None:
+            vs = torch.ones_like(sar)
+        else:
+            vs = sar_valid.to(sar.dtype)
+        fo = self.enc_opt(opt * vo)
+        fs = self.enc_sar(sar * vs)
+        mo = [l2n(f) for f in fo]
+        ms = [l2n(f) for f in fs]
+        vol = [vo, (F.avg_pool2d(vo, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vo, 4) > 0.99).to(vo.dtype),
+               (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)]
+        vs8 = (F.avg_pool2d(vs, 8) > 0.99).to(vs.dtype)
         out: Dict[str, torch.Tensor] = {}
+        out["desc_opt4"] = mo[2]
+        out["desc_sar4"] = ms[2]
+        out["desc_opt2"] = mo[1]
+        out["desc_sar2"] = ms[1]
 
-        # (1) global affine at stride 16
-        co = self.proj_opt(fo[4])
-        cs = self.proj_sar(fs[4])
-        g = self.global_affine(co, cs, F.avg_pool2d(vo, 16))
-        a_full = coords.scale_affine(g["affine"], 1.0 / 16.0)
-        out["global_logits"] = g["logits"]
-        out["affine16"] = a_full
+        # (1) global affine at stride 8
+        a8, scores = self.global_affine(mo[3], ms[3], vol[3], vs8)
+        a_full = coords.scale_affine(a8, 1.0 / 8.0)
+        out["global_scores"] = scores
+        out["affine_global"] = a_full
         # (2) affine refinement at stride 8 and 4
-        a_full = self.refine_affine(fo[3], fs[3], F.avg_pool2d(vo, 8), a_full, 8, 1)
+        a_full = self.refine_affine(mo[3], ms[3], vol[3], a_full, 8, self.agg8, 1)
         out["affine8"] = a_full
-        a_full = self.refine_affine(fo[2], fs[2], F.avg_pool2d(vo, 4), a_full, 4, 2)
+        a_full = self.refine_affine(mo[2], ms[2], vol[2], a_full, 4, self.agg4, 2)
         out["affine4"] = a_full
         # (3) dense flow at stride 4, 2, then full resolution
-        h4 = fo[2].shape[-2]
-        w4 = fo[2].shape[-1]
+        h4 = mo[2].shape[-2]
+        w4 = mo[2].shape[-1]
         fl4 = coords.affine_to_flow(coords.scale_affine(a_full, 4.0), h4, w4)
-        x, base = self.dense_input(fo[2], fs[2], fl4, self.r4, 3, None)
+        x, base = self.dense_input(mo[2], ms[2], vol[2], fl4, self.r4, self.aggd4, self.smooth4, 3, None)
         fl4, lg4 = self.dense_output(self.head4(x), base, None)
         out["flow4"] = fl4
         out["logit4"] = lg4
-        fl2 = coords.upsample_flow(fl4, 2)
         lg2 = F.interpolate(lg4, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x, base = self.dense_input(fo[1], fs[1], fl2, self.r2, 4, lg2)
+        x, base = self.dense_input(mo[1], ms[1], vol[1], coords.upsample_flow(fl4, 2), self.r2, self.aggd2, self.smooth2, 4, lg2)
         fl2, lg2 = self.dense_output(self.head2(x), base, lg2)
         out["flow2"] = fl2
         out["logit2"] = lg2
-        fl1 = coords.upsample_flow(fl2, 2)
         lg1 = F.interpolate(lg2, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x, base = self.dense_input(fo[0], fs[0], fl1, self.r1, 5, lg1)
+        x, base = self.dense_input(mo[0], ms[0], vol[0], coords.upsample_flow(fl2, 2), self.r1, self.aggd1, self.smooth1, 5, lg1)
         fl1, lg1 = self.dense_output(self.head1(x), base, lg1)
         out["flow"] = fl1
         out["logit"] = lg1
