@@ -13,7 +13,6 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from soma_cli import coords, synth
-from soma_cli.errors import SomaError
 from soma_cli.pipeline import RegisterOptions, register
 
 CRS = "EPSG:32611"

@@ -377,7 +377,6 @@ class SomaNet(nn.Module):
         logits = score.view(b, k, n, n) * self.log_scale[0].exp()
         best = logits.flatten(1).argmax(1)  # (B,)
         kb = torch.div(best, n * n, rounding_mode="floor")
-        cell = best - kb * n * n
         sel = logits[torch.arange(b, device=mo.device), kb].reshape(b, n * n, 1, 1)
         d = peak_subpixel(sel, r)[0].view(b, 2)
         rsel = rot.view(b, k, 2, 3)[torch.arange(b, device=mo.device), kb]
