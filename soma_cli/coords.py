@@ -294,6 +294,13 @@ def warp(image: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> tor
     return F.grid_sample(image, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
+def compose_flow(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Torch twin of :func:`compose_flow_np`: ``total(q) = second(q) + first(q + second(q))``, with
+    ``first`` sampled bilinearly (nearest edge value beyond the field)."""
+    grid = flow_to_grid(second, first.shape[-2], first.shape[-1])
+    return second + F.grid_sample(first, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def inside_mask(flow: torch.Tensor, src_h: int, src_w: int) -> torch.Tensor:
     """``(B, 1, H, W)`` float mask: 1 where ``q + flow(q)`` falls inside the source (pixel centres)."""
     b, _, h, w = flow.shape

@@ -436,23 +436,29 @@ def chip_rmse(flow: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> torch
     return torch.sqrt((e2 * mask).sum((1, 2, 3)) / mask.sum((1, 2, 3)).clamp(min=1.0))
 
 
+def _consistency_target(flow0: torch.Tensor, gt: torch.Tensor,
+                        opt_valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What a self-consistent flow on the deformed pair is, ``flow0`` followed by ``D`` (``gt``),
+    and where that is defined (both displaced positions inside the chip, optical valid)."""
+    h, w = gt.shape[-2:]
+    expected = coords.compose_flow(gt, flow0)
+    mask = opt_valid * coords.inside_mask(flow0, h, w) * coords.inside_mask(expected, h, w)
+    return expected, mask
+
+
 def consistency_loss(flow0: torch.Tensor, flow1: torch.Tensor, gt: torch.Tensor,
                      opt_valid: torch.Tensor) -> torch.Tensor:
     """Self-consistency (the relative metric of ``soma evaluate``, as a loss): the flow ``flow1`` on
     the deformed pair should equal ``flow0 + D(q + flow0)``, the flow on the undeformed pair followed
     by the known deformation ``D`` (``gt``).  Independent of the pair's own misregistration."""
-    h, w = gt.shape[-2:]
-    expected = flow0 + coords.warp(gt, flow0)
-    m = opt_valid * coords.inside_mask(flow0, h, w) * coords.inside_mask(expected, h, w)
-    return _masked_mean(_charb(flow1 - expected), m)
+    expected, mask = _consistency_target(flow0, gt, opt_valid)
+    return _masked_mean(_charb(flow1 - expected), mask)
 
 
 def relative_rmse(flow0: torch.Tensor, flow1: torch.Tensor, gt: torch.Tensor, opt_valid: torch.Tensor) -> torch.Tensor:
     """Per-chip self-consistency RMSE ``(B,)`` (see :func:`consistency_loss`)."""
-    h, w = gt.shape[-2:]
-    expected = flow0 + coords.warp(gt, flow0)
-    m = opt_valid * coords.inside_mask(flow0, h, w) * coords.inside_mask(expected, h, w)
-    return chip_rmse(flow1, expected, m)
+    expected, mask = _consistency_target(flow0, gt, opt_valid)
+    return chip_rmse(flow1, expected, mask)
 
 
 @torch.no_grad()
@@ -590,6 +596,12 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
                            ckpt_path)
         _atomic_torch_save({"model": sd, **state(val)}, out_dir / "model.pt")
 
+    def save_best(val: dict) -> None:
+        nonlocal best, best_rmse
+        best, best_rmse = val["rel_cmr1"], val["rel_median_rmse"]
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        _atomic_torch_save({"model": sd, **state(val)}, out_dir / "best.pt")
+
     def log(rec: dict) -> None:
         with open(out_dir / "log.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -606,9 +618,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
         # the starting point is a candidate too: training must beat it to replace best.pt
         val = validate(model, chips, device)
         history.append({"step": 0, "val": val})
-        best, best_rmse = val["rel_cmr1"], val["rel_median_rmse"]
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _atomic_torch_save({"model": sd, **state(val)}, out_dir / "best.pt")
+        save_best(val)
         log({"step": 0, "val": val})
     model.train()
     ema: Optional[float] = None
@@ -647,9 +657,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
             rec["val"] = val
             history.append({"step": step, "val": val})
             if _better(val, best, best_rmse):
-                best, best_rmse = val["rel_cmr1"], val["rel_median_rmse"]
-                sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                _atomic_torch_save({"model": sd, **state(val)}, out_dir / "best.pt")
+                save_best(val)
         log(rec)
         if time.time() - last_ckpt >= cfg.ckpt_every_s or "val" in rec:
             save(val)
@@ -663,9 +671,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
     final_val = validate(model, chips, device)
     history.append({"step": step, "val": final_val})
     if _better(final_val, best, best_rmse):
-        best, best_rmse = final_val["rel_cmr1"], final_val["rel_median_rmse"]
-        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        _atomic_torch_save({"model": sd, **state(final_val)}, out_dir / "best.pt")
+        save_best(final_val)
     save(final_val)
     log({"step": step, "final_val": final_val, "stop": stop_reason})
     return {"step": step, "val": final_val, "best_cmr1": best, "stop": stop_reason,

@@ -283,7 +283,8 @@ def norm_conv(x: torch.Tensor, w: torch.Tensor, k: int) -> Tuple[torch.Tensor, t
 
 
 class DenseHead(nn.Module):
-    """Local correlation + features + soft-argmax -> flow update (2) and certainty logit (1)."""
+    """Peak displacement, its robust consensus, peak confidence, support (and the previous level's
+    certainty logit) -> flow correction (2) and certainty logit (1)."""
 
     def __init__(self, cin: int, hidden: int):
         super().__init__()
