@@ -360,6 +360,14 @@ def compose_affine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([lin, t.unsqueeze(-1)], -1)
 
 
+def affine_after_flow(a: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """``flow`` first, then the affine ``a`` (both in this grid's pixels): ``total(q) = a(q + flow(q)) - q``,
+    exact (no resampling): the flow of a match found in an image already warped by ``a``."""
+    h = flow.shape[-2]
+    w = flow.shape[-1]
+    return affine_to_flow(a, h, w) + torch.einsum("bij,bjhw->bihw", a[:, :, :2], flow)
+
+
 def identity_affine(b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``(b, 2, 3)`` identity affines."""
     eye = torch.zeros(b, 2, 3, device=device, dtype=dtype)
