@@ -24,7 +24,9 @@ Structure (version 2, "structure first"):
 * **GLAM**: (1) a global affine at stride 8: the SAR descriptor is rotated by a set of hypotheses
   (+-20 degrees) and correlated with the optical one over all translations (masked mean
   correlation, by FFT); the best (rotation, translation) with a parabolic sub-cell peak gives the
-  affine; (2) affine refinement at strides 8 and 4: local correlation of the warped descriptors,
+  affine.  The SAR *image* is then resampled by it and encoded again, so that its oriented channels
+  are in the optical frame (warping the descriptors of a rotated image would leave them in the SAR
+  frame); (2) affine refinement at strides 8 and 4: local correlation of the warped descriptors,
   aggregated over windows (cost aggregation), sub-pixel peaks, confidence-weighted IRLS affine fit,
   composed as ``compose_affine(current, update)``; (3) dense flow at strides 4, 2 and full
   resolution: aggregated local correlation -> sub-pixel peak, confidence-weighted smoothing, and a
@@ -335,6 +337,7 @@ class SomaNet(nn.Module):
         self.smooth2 = 61
         self.smooth1 = 121
         self.shrink = 0.02
+        self.border_margin = 8  # px, see run()
         self.head4 = DenseHead(6, 16)
         self.head2 = DenseHead(7, 16)
         self.head1 = DenseHead(7, 16)
@@ -437,7 +440,9 @@ class SomaNet(nn.Module):
     def run(self, opt: torch.Tensor, sar: torch.Tensor, opt_valid: Optional[torch.Tensor] = None,
             sar_valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Full pass returning intermediates: affines (full-resolution pixels), global scores,
-        per-level flows (level pixels), the final flow and certainty logit."""
+        per-level flows (level pixels, composed with the global affine), the final flow and
+        certainty logit, and the first-pass (unresampled) descriptors at 1/4 and 1/2 for the
+        training losses."""
         if opt_valid is None:
             vo = torch.ones_like(opt)
         else:
@@ -450,8 +455,7 @@ class SomaNet(nn.Module):
         fs = self.enc_sar(sar * vs)
         mo = [l2n(f) for f in fo]
         ms = [l2n(f) for f in fs]
-        vol = [vo, (F.avg_pool2d(vo, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vo, 4) > 0.99).to(vo.dtype),
-               (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)]
+        vo8 = (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)
         vs8 = (F.avg_pool2d(vs, 8) > 0.99).to(vs.dtype)
         out: Dict[str, torch.Tensor] = {}
         out["desc_opt4"] = mo[2]
@@ -460,32 +464,48 @@ class SomaNet(nn.Module):
         out["desc_sar2"] = ms[1]
 
         # (1) global affine at stride 8
-        a8, scores = self.global_affine(mo[3], ms[3], vol[3], vs8)
-        a_full = coords.scale_affine(a8, 1.0 / 8.0)
+        a8, scores = self.global_affine(mo[3], ms[3], vo8, vs8)
+        a_g = coords.scale_affine(a8, 1.0 / 8.0)
         out["global_scores"] = scores
-        out["affine_global"] = a_full
+        out["affine_global"] = a_g
+        # re-encode the SAR resampled by the global affine (bicubic), so that its oriented channels
+        # and learnt features are in the optical frame; the later stages estimate what remains
+        # (a_rel, then a relative flow) and their outputs are composed with the global affine
+        h = opt.shape[-2]
+        w = opt.shape[-1]
+        fl_g = coords.affine_to_flow(a_g, h, w).detach()
+        vsw = (coords.warp(vs, fl_g) > 0.99).to(vs.dtype)
+        sarw = coords.warp(sar * vs, fl_g, "bicubic") * vsw
+        msw = [l2n(f) for f in self.enc_sar(sarw)]
+        # weights: both images valid and a margin away from their borders, where zero padding and
+        # the coverage edge of the resampled SAR make gradients that the other image lacks
+        m = self.border_margin
+        vb = 1.0 - F.max_pool2d(1.0 - vo * vsw, 2 * m + 1, 1, m)
+        vl = [vb, (F.avg_pool2d(vb, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vb, 4) > 0.99).to(vo.dtype),
+              (F.avg_pool2d(vb, 8) > 0.99).to(vo.dtype)]
         # (2) affine refinement at stride 8 and 4
-        a_full = self.refine_affine(mo[3], ms[3], vol[3], a_full, 8, self.agg8, 1)
-        out["affine8"] = a_full
-        a_full = self.refine_affine(mo[2], ms[2], vol[2], a_full, 4, self.agg4, 2)
-        out["affine4"] = a_full
+        a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
+        a_rel = self.refine_affine(mo[3], msw[3], vl[3], a_rel, 8, self.agg8, 1)
+        out["affine8"] = coords.compose_affine(a_g, a_rel)
+        a_rel = self.refine_affine(mo[2], msw[2], vl[2], a_rel, 4, self.agg4, 2)
+        out["affine4"] = coords.compose_affine(a_g, a_rel)
         # (3) dense flow at stride 4, 2, then full resolution
         h4 = mo[2].shape[-2]
         w4 = mo[2].shape[-1]
-        fl4 = coords.affine_to_flow(coords.scale_affine(a_full, 4.0), h4, w4)
-        x, base = self.dense_input(mo[2], ms[2], vol[2], fl4, self.r4, self.aggd4, self.smooth4, 3, None)
+        fl4 = coords.affine_to_flow(coords.scale_affine(a_rel, 4.0), h4, w4)
+        x, base = self.dense_input(mo[2], msw[2], vl[2], fl4, self.r4, self.aggd4, self.smooth4, 3, None)
         fl4, lg4 = self.dense_output(self.head4(x), base, None)
-        out["flow4"] = fl4
+        out["flow4"] = coords.affine_after_flow(coords.scale_affine(a_g, 4.0), fl4)
         out["logit4"] = lg4
         lg2 = F.interpolate(lg4, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x, base = self.dense_input(mo[1], ms[1], vol[1], coords.upsample_flow(fl4, 2), self.r2, self.aggd2, self.smooth2, 4, lg2)
+        x, base = self.dense_input(mo[1], msw[1], vl[1], coords.upsample_flow(fl4, 2), self.r2, self.aggd2, self.smooth2, 4, lg2)
         fl2, lg2 = self.dense_output(self.head2(x), base, lg2)
-        out["flow2"] = fl2
+        out["flow2"] = coords.affine_after_flow(coords.scale_affine(a_g, 2.0), fl2)
         out["logit2"] = lg2
         lg1 = F.interpolate(lg2, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x, base = self.dense_input(mo[0], ms[0], vol[0], coords.upsample_flow(fl2, 2), self.r1, self.aggd1, self.smooth1, 5, lg1)
+        x, base = self.dense_input(mo[0], msw[0], vl[0], coords.upsample_flow(fl2, 2), self.r1, self.aggd1, self.smooth1, 5, lg1)
         fl1, lg1 = self.dense_output(self.head1(x), base, lg1)
-        out["flow"] = fl1
+        out["flow"] = coords.affine_after_flow(a_g, fl1)
         out["logit"] = lg1
         return out
 
