@@ -348,3 +348,21 @@ def test_cog_output(tmp_path, small_pair):
     with rasterio.open(out) as ds:
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_scratch_raster_is_quiet_and_deleted(tmp_path):
+    """The internal scratch file has no georeferencing on purpose: no warning reaches the user,
+    it works read-write, and it is gone afterwards."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from soma_cli.io.write import scratch_raster
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with scratch_raster(tmp_path, 300, 280, 2) as ds:
+            ds.write(np.ones((2, 280, 300), np.float32))
+            assert ds.read(2).sum() == 300 * 280
+    assert not [w for w in caught if issubclass(w.category, NotGeoreferencedWarning)]
+    assert list(tmp_path.iterdir()) == []

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import rasterio
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.shutil import copy as rio_copy
 
 from ..errors import OutputError
@@ -110,7 +111,10 @@ def atomic_raster(dest: Path, profile: dict, cog: bool = False,
 @contextmanager
 def scratch_raster(folder: Path, width: int, height: int, count: int, dtype: str = "float32",
                    nodata: Optional[float] = None) -> Iterator[rasterio.io.DatasetWriter]:
-    """A temporary, uncompressed, tiled GeoTIFF opened read-write in ``folder``; always deleted."""
+    """A temporary, uncompressed, tiled GeoTIFF opened read-write in ``folder``; always deleted.
+
+    It holds pixels only (no georeferencing), so rasterio's "not georeferenced" warning, which
+    users would otherwise see on every run, is silenced for it."""
     tmp = _tmp_path(Path(folder) / "scratch")
     prof = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype, nodata=nodata,
                 tiled=True, blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
@@ -119,7 +123,10 @@ def scratch_raster(folder: Path, width: int, height: int, count: int, dtype: str
         prof.pop("blockxsize")
         prof.pop("blockysize")
     try:
-        with rasterio.open(tmp, "w+", **prof) as ds:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(tmp, "w+", **prof)
+        with ds:
             yield ds
     except RasterioError as exc:
         raise OutputError(f"cannot use a scratch file in {folder}: {exc}") from None
