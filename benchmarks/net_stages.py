@@ -87,8 +87,7 @@ def main() -> None:
                 f1 = stage_flows(model, c.opt, s.sar, c.opt_valid, s.sar_valid)
                 for k in STAGES:
                     err, mask = E.relative_error(f0[k], f1[k], s.gt)
-                    mask &= c.opt_valid
-                    rel = float(np.sqrt((err[:, mask] ** 2).sum(0).mean())) if mask.any() else float("inf")
+                    rel = E.error_metrics(err, mask & c.opt_valid)["rmse"]
                     ab = E.chip_metrics(f1[k], s.gt, E.eval_mask(s.gt, c.opt_valid))["rmse"]
                     res.setdefault((p, k), []).append((rel, ab))
             if a.per_chip:

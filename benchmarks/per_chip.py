@@ -7,8 +7,8 @@ versions of one) can be compared chip by chip on many chips, for example a whole
     python benchmarks/per_chip.py ../shared/data/s1s2_calif --split T11SMT --method soma --limit 10
 
 Each chip is matched undeformed and under both protocols (seed 0, as `soma evaluate`); the
-relative RMSE is that of `soma evaluate` (`evaluate.relative_error`, masked by the optical
-validity). The summary gives the relative CMR@1, @2, @3 px and the mean of the RMSE clipped at
+relative RMSE is that of `soma evaluate` (`evaluate.relative_error`, then `evaluate.error_metrics`
+over the optical validity). The summary gives the relative CMR@1, @2, @3 px and the mean of the RMSE clipped at
 5 px.
 """
 
@@ -46,8 +46,7 @@ def main() -> None:
                 s = E.deform_chip(c, p, a.seed)
                 f1 = matcher.match(c.opt[None], s.sar[None], c.opt_valid[None], s.sar_valid[None])[0][0]
                 err, mask = E.relative_error(f0, f1, s.gt)
-                mask &= c.opt_valid
-                r = float(np.sqrt((err[:, mask] ** 2).sum(0).mean())) if mask.any() else float("inf")
+                r = E.error_metrics(err, mask & c.opt_valid)["rmse"]
                 rel[p].append(r)
                 line.append(f"{p} {r:.2f}")
             print(f"{entry.name} chip {c.index}: relative RMSE {' '.join(line)} px", flush=True)
