@@ -452,19 +452,21 @@ class SomaNet(nn.Module):
         else:
             vs = sar_valid.to(sar.dtype)
         fo = self.enc_opt(opt * vo)
-        fs = self.enc_sar(sar * vs)
         mo = [l2n(f) for f in fo]
-        ms = [l2n(f) for f in fs]
+        # first SAR pass, in the SAR frame: only the global stage (1/8) and the training losses'
+        # descriptors (1/4, 1/2) use it; the later stages match the re-encoded SAR below
+        fs = self.enc_sar(sar * vs)
+        ms8 = l2n(fs[3])
         vo8 = (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)
         vs8 = (F.avg_pool2d(vs, 8) > 0.99).to(vs.dtype)
         out: Dict[str, torch.Tensor] = {}
         out["desc_opt4"] = mo[2]
-        out["desc_sar4"] = ms[2]
+        out["desc_sar4"] = l2n(fs[2])
         out["desc_opt2"] = mo[1]
-        out["desc_sar2"] = ms[1]
+        out["desc_sar2"] = l2n(fs[1])
 
         # (1) global affine at stride 8
-        a8, scores = self.global_affine(mo[3], ms[3], vo8, vs8)
+        a8, scores = self.global_affine(mo[3], ms8, vo8, vs8)
         a_g = coords.scale_affine(a8, 1.0 / 8.0)
         out["global_scores"] = scores
         out["affine_global"] = a_g
