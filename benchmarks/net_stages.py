@@ -2,7 +2,7 @@
 
 For every chip and protocol, the eager network (a `soma train` checkpoint, or the untrained
 architecture with ``--init``) is run on the undeformed and on the deformed pair; each GLAM stage
-(global affine, affine at 1/8 and 1/4, dense flow at 1/4, 1/2 and full resolution) is scored with
+(global affine, affine at 1/8, 1/4 and 1/2, dense flow at 1/4, 1/2 and full resolution) is scored with
 the relative (self-consistency) RMSE and the absolute RMSE of `soma evaluate`.  This is how the
 network's design was checked: a stage that does not lower the relative error does not help.
 
@@ -10,8 +10,8 @@ network's design was checked: a stage that does not lower the relative error doe
     python benchmarks/net_stages.py ../shared/data/s1s2_calif --split T11SLT --limit 6 --checkpoint runs/x/best.pt
     python benchmarks/net_stages.py ../shared/data/s1s2_calif --split T11SMT --limit 37 --init --set smooth4=31 --per-chip
 
-``--set NAME=VALUE`` overrides a numeric attribute of the network (a window size, a radius, ...)
-for an ablation; ``--per-chip`` prints every chip's final relative RMSE, and the summary adds the
+``--set NAME=VALUE`` overrides a numeric or boolean attribute of the network (a window size, a
+radius, an iteration count, ``cone_fit=false``, ...) for an ablation; ``--per-chip`` prints every chip's final relative RMSE, and the summary adds the
 CMR@2px and the mean of the relative RMSE clipped at 5 px (less noisy than a median on few chips).
 """
 
@@ -30,7 +30,7 @@ from soma_cli.io.dataset import list_pairs, read_pair
 from soma_cli.model import net as netmod
 from soma_cli.train import load_model_checkpoint
 
-STAGES = ("affine_global", "affine8", "affine4", "flow4", "flow2", "flow")
+STAGES = ("affine_global", "affine8", "affine4", "affine2", "flow4", "flow2", "flow")
 
 
 def stage_flows(model: netmod.SomaNet, opt, sar, opt_valid, sar_valid) -> dict:
@@ -40,7 +40,7 @@ def stage_flows(model: netmod.SomaNet, opt, sar, opt_valid, sar_valid) -> dict:
     with torch.inference_mode():
         out = model.run(t(opt), t(sar), t(opt_valid), t(sar_valid))
     h, w = opt.shape
-    flows = {k: coords.affine_to_flow(out[k], h, w) for k in STAGES[:3]}
+    flows = {k: coords.affine_to_flow(out[k], h, w) for k in STAGES[:4]}
     flows["flow4"] = coords.upsample_flow(out["flow4"], 4)
     flows["flow2"] = coords.upsample_flow(out["flow2"], 2)
     flows["flow"] = out["flow"]
@@ -59,7 +59,7 @@ def main() -> None:
     g.add_argument("--init", action="store_true", help="the untrained architecture (torch seed 0)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="override a numeric network attribute (repeatable)")
+                    help="override a numeric or boolean network attribute (repeatable)")
     ap.add_argument("--per-chip", action="store_true", help="print each chip's final relative RMSE")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -71,9 +71,14 @@ def main() -> None:
     for item in a.set:
         name, _, value = item.partition("=")
         current = getattr(model, name, None)
-        if not isinstance(current, (int, float)) or isinstance(current, bool):
-            ap.error(f"--set {item}: the network has no numeric attribute {name!r}")
-        setattr(model, name, type(current)(value))
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                ap.error(f"--set {item}: {name!r} takes true or false")
+            setattr(model, name, value.lower() in ("true", "1"))
+        elif isinstance(current, (int, float)):
+            setattr(model, name, type(current)(value))
+        else:
+            ap.error(f"--set {item}: the network has no numeric or boolean attribute {name!r}")
     res: dict = {}
     t0 = time.time()
     n = 0

@@ -386,10 +386,11 @@ def global_target(model: netmod.SomaNet, gt: torch.Tensor, mask: torch.Tensor,
 def match_ce(model: netmod.SomaNet, fo: torch.Tensor, fs: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor,
              stride: int, temp: int, r: int = 3, agg: int = 7) -> torch.Tensor:
     """Descriptor matching loss at one level: with the SAR descriptors warped by the ground truth,
-    the aggregated local correlation should peak at zero displacement (cross-entropy)."""
+    the window correlation the network matches with (:func:`net.window_zncc`) should peak at zero
+    displacement (cross-entropy)."""
     g = coords.downsample_flow(gt, stride)
     m = (F.avg_pool2d(mask, stride) > 0.99).to(gt.dtype)
-    corr = netmod.box(netmod.local_corr(fo, coords.warp(fs, g), r), agg) * model.log_scale[temp].exp()
+    corr = netmod.window_zncc(fo, coords.warp(fs, g), r, agg) * model.log_scale[temp].exp()
     target = torch.full(corr[:, 0].shape, r * (2 * r + 1) + r, dtype=torch.long, device=gt.device)
     ce = F.cross_entropy(corr.float(), target, reduction="none").unsqueeze(1)
     return _masked_mean(ce, m)

@@ -12,7 +12,7 @@ grid (:mod:`soma_cli.coords` convention: optical pixel ``q`` matches the SAR at 
 level affines and flows, global scores, logits) for training.  Every warp, affine and flow resampling
 goes through :mod:`soma_cli.coords`.  The module is ``torch.jit.script``-able.
 
-Structure (version 2, "structure first"):
+Structure (version 4, "structure first"):
 
 * **encoder** per modality (separate weights).  A level-0 FGE on the image (learnable oriented
   gradient filters, 8 directions x 3x3 and 5x5, initialised from exactly rotated Sobel kernels,
@@ -23,14 +23,17 @@ Structure (version 2, "structure first"):
   centred per channel and L2-normalised per position (:func:`l2n`).
 * **GLAM**: (1) a global affine at stride 8: the SAR descriptor is rotated by a set of hypotheses
   (+-20 degrees) and correlated with the optical one over all translations (masked mean
-  correlation, by FFT); the best (rotation, translation) with a parabolic sub-cell peak gives the
-  affine.  The SAR *image* is then resampled by it and encoded again, so that its oriented channels
-  are in the optical frame (warping the descriptors of a rotated image would leave them in the SAR
-  frame); (2) affine refinement at strides 8 and 4: local correlation of the warped descriptors,
-  aggregated over windows (cost aggregation), sub-pixel peaks, confidence-weighted IRLS affine fit,
-  composed as ``compose_affine(current, update)``; (3) dense flow at strides 4, 2 and full
-  resolution: aggregated local correlation -> sub-pixel peak, confidence-weighted smoothing, and a
-  small head that adds a flow correction and the certainty logit; flows are rescaled when upsampled.
+  correlation, by FFT); the best translations of the three best rotations are candidates, and the
+  one with the most window support (:meth:`SomaNet.verify`) gives the affine.  The SAR *image* is
+  then resampled by it and encoded again, so that its oriented channels are in the optical frame
+  (warping the descriptors of a rotated image would leave them in the SAR frame); (2) affine
+  refinement at strides 8, 4 and 2 (iterated :attr:`SomaNet.n_aff8`, ``n_aff4`` and ``n_aff2``
+  times): window correlation of the warped descriptors (zero-normalised over each window,
+  :func:`window_zncc`), sub-pixel peaks (equiangular fit, :func:`equiangular`, as correlations of
+  pooled cells peak like cones), confidence-weighted IRLS affine fit, composed as
+  ``compose_affine(current, update)``; (3) dense flow at strides 4, 2 and full resolution: window
+  correlation -> sub-pixel peak, confidence-weighted smoothing, and a small head that adds a flow
+  correction and the certainty logit; flows are rescaled when upsampled.
 
 At initialisation the learnt channels are small and the descriptor is a CFOG-like oriented-gradient
 descriptor, so the untrained network already matches like a structural-gradient matcher; training
@@ -165,11 +168,32 @@ def cell_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     return F.avg_pool2d(x, 2 * s, s, s // 2, count_include_pad=False)
 
 
+def box_1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Mean over ``k`` consecutive values (odd ``k``, centred) along ``dim`` (2 = rows, 3 = columns)
+    of a ``(B, C, H, W)`` tensor, averaging only what lies inside, from a cumulative sum (cost
+    independent of ``k``)."""
+    r = k // 2
+    n = x.shape[dim]
+    if dim == 3:
+        pad = [r + 1, r, 0, 0]
+        shape = [1, 1, 1, n]
+    else:
+        pad = [0, 0, r + 1, r]
+        shape = [1, 1, n, 1]
+    c = torch.cumsum(F.pad(x, pad), dim)
+    s = c.narrow(dim, k, n) - c.narrow(dim, 0, n)
+    i = torch.arange(n, device=x.device, dtype=x.dtype)
+    count = torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1
+    return s / count.view(shape)
+
+
 def box(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mean over a ``k x k`` window (odd ``k``; stride 1, same size; borders average what is inside),
-    as two separable passes."""
-    x = F.avg_pool2d(x, [1, k], 1, [0, k // 2], count_include_pad=False)
-    return F.avg_pool2d(x, [k, 1], 1, [k // 2, 0], count_include_pad=False)
+    as two separable passes: pooling for small windows, cumulative sums for large ones."""
+    if k <= 15:
+        x = F.avg_pool2d(x, [1, k], 1, [0, k // 2], count_include_pad=False)
+        return F.avg_pool2d(x, [k, 1], 1, [k // 2, 0], count_include_pad=False)
+    return box_1d(box_1d(x, k, 3), k, 2)
 
 
 class Encoder(nn.Module):
@@ -216,6 +240,25 @@ def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
+def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int) -> torch.Tensor:
+    """``(B, (2r+1)^2, H, W)`` zero-normalised cross-correlation of ``k x k`` windows of ``f1``
+    (centred on ``q``) and ``f2`` (centred on ``q + (dx, dy)``), ``dy, dx`` in ``[-r, r]`` (dy outer,
+    as :func:`local_corr`); each window's mean descriptor is removed before the correlation, as in
+    the window ZNCC of CFOG-like matchers, so a texture common to the whole window (speckle, a
+    dominant orientation) does not lift every shift alike.  Values are in ``[-1, 1]``; a window
+    without variance scores 0.
+
+    Computed from box filters: ``sum(f1 f2) - <mean f1, mean f2>`` over the window, divided by the
+    square root of both windows' variances (shifted to ``q + d`` for ``f2``)."""
+    m1 = box(f1, k)
+    m2 = box(f2, k)
+    v1 = (box((f1 * f1).sum(1, keepdim=True), k) - (m1 * m1).sum(1, keepdim=True)).clamp(min=0.0)
+    v2 = (box((f2 * f2).sum(1, keepdim=True), k) - (m2 * m2).sum(1, keepdim=True)).clamp(min=0.0)
+    num = box(local_corr(f1, f2, r), k) - local_corr(m1, m2, r)
+    den = torch.sqrt((v1 * local_corr(torch.ones_like(v2), v2, r)).clamp(min=1e-8))
+    return num / den
+
+
 def l2n(x: torch.Tensor) -> torch.Tensor:
     """Centre each channel over the tile (removes the response common to every position, which
     otherwise makes all cosine similarities alike), then L2-normalise per position."""
@@ -238,7 +281,7 @@ def grid_points(b: int, h: int, w: int, device: torch.device, dtype: torch.dtype
     return coords.base_grid(b, h, w, device, dtype).flatten(2).transpose(1, 2)
 
 
-def peak_subpixel(corr: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def peak_subpixel(corr: torch.Tensor, r: int, cone: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Displacement ``(B, 2, H, W)`` of the best :func:`local_corr` channel, refined per axis by a
     parabola through the peak and its two neighbours, and ``(B, 1, H, W)`` = 1 where the peak is
     inside the search window (a peak on its border is no peak: the true one may lie beyond)."""
@@ -253,9 +296,22 @@ def peak_subpixel(corr: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tenso
     cyp = torch.gather(corr, 1, (iy + 1).clamp(max=n - 1) * n + ix)
     okx = ((ix > 0) & (ix < n - 1)).to(corr.dtype)
     oky = ((iy > 0) & (iy < n - 1)).to(corr.dtype)
-    ox = parabola(cxm, c0, cxp) * okx
-    oy = parabola(cym, c0, cyp) * oky
+    if cone:
+        ox = equiangular(cxm, c0, cxp) * okx
+        oy = equiangular(cym, c0, cyp) * oky
+    else:
+        ox = parabola(cxm, c0, cxp) * okx
+        oy = parabola(cym, c0, cyp) * oky
     return torch.cat([ix.to(corr.dtype) - r + ox, iy.to(corr.dtype) - r + oy], 1), okx * oky
+
+
+def equiangular(cm: torch.Tensor, c0: torch.Tensor, cp: torch.Tensor) -> torch.Tensor:
+    """Vertex offset in ``[-0.5, 0.5]`` of the symmetric V (equiangular lines) through
+    ``(-1, cm), (0, c0), (1, cp)``.  Correlations of cell-pooled descriptors peak like a cone, for
+    which a parabola pulls the offset towards the integer (by about 40 % at stride 8 and 30 % at
+    stride 4 on real chips); the V fit is close to unbiased there."""
+    den = (c0 - torch.minimum(cm, cp)).clamp(min=1e-6)
+    return (0.5 * (cp - cm) / den).clamp(-0.5, 0.5)
 
 
 def parabola(cm: torch.Tensor, c0: torch.Tensor, cp: torch.Tensor) -> torch.Tensor:
@@ -322,11 +378,20 @@ class SomaNet(nn.Module):
         self.max_rotation = 20.0
         self.rotation_step = 4.0
         self.r_global = 10  # translation search at stride 8 (cells): +-80 px
+        self.cone_fit = True  # V-shaped sub-pixel peak fit at strides 8, 4, 2 (parabola at full resolution)
+        self.n_candidates = 3  # global (rotation, translation) candidates verified by window support
         self.min_overlap = 0.3
         # (search radius, aggregation window) per stage
         self.r_aff = 3
+        # affine refinement iterations at 1/8, 1/4 and 1/2, their window sizes (cells), and the
+        # Cauchy scale of the fits' re-weighting (level pixels)
+        self.n_aff8 = 3
+        self.n_aff4 = 2
+        self.n_aff2 = 2
         self.agg8 = 5
         self.agg4 = 9
+        self.agg2 = 63
+        self.aff_k = 1.0
         self.r4 = 3
         self.r2 = 3
         self.r1 = 1
@@ -364,7 +429,9 @@ class SomaNet(nn.Module):
     def global_affine(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor,
                       vs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Rotation hypotheses x all translations at stride 8 -> (affine in level pixels, scores
-        ``(B, K, 2R+1, 2R+1)`` as logits)."""
+        ``(B, K, 2R+1, 2R+1)`` as logits).  The best translations of the :attr:`n_candidates`
+        best rotations (local maxima over the rotation axis) are candidates; :meth:`verify` keeps
+        the one with the most window support."""
         b, c, h, w = mo.shape
         k = self.n_rotations()
         r = self.r_global
@@ -379,22 +446,53 @@ class SomaNet(nn.Module):
         score = num / den.clamp(min=self.min_overlap * float(h * w))  # mean cosine over the overlap
         n = 2 * r + 1
         logits = score.view(b, k, n, n) * self.log_scale[0].exp()
-        best = logits.flatten(1).argmax(1)  # (B,)
-        kb = torch.div(best, n * n, rounding_mode="floor")
-        sel = logits[torch.arange(b, device=mo.device), kb].reshape(b, n * n, 1, 1)
-        d = peak_subpixel(sel, r)[0].view(b, 2)
-        rsel = rot.view(b, k, 2, 3)[torch.arange(b, device=mo.device), kb]
-        eye = torch.eye(2, device=mo.device, dtype=mo.dtype).unsqueeze(0).expand(b, 2, 2)
-        shift = torch.cat([eye, d.unsqueeze(-1)], -1)
-        return coords.compose_affine(rsel, shift), logits
+        per_rot = logits.flatten(2).amax(2)  # (B, K)
+        low = torch.full_like(per_rot[:, :1], -1e9)
+        left = torch.cat([low, per_rot[:, :-1]], 1)
+        right = torch.cat([per_rot[:, 1:], low], 1)
+        peaks = torch.where((per_rot >= left) & (per_rot >= right), per_rot, per_rot - 1e6)
+        nc = min(self.n_candidates, k)
+        kb = peaks.topk(nc, 1).indices  # (B, C), best first
+        sel = torch.gather(logits.flatten(2), 1, kb.unsqueeze(-1).expand(b, nc, n * n))
+        d = peak_subpixel(sel.reshape(b * nc, n * n, 1, 1), r, self.cone_fit)[0].view(b * nc, 2)
+        rsel = torch.gather(rot.view(b, k, 6), 1, kb.unsqueeze(-1).expand(b, nc, 6)).view(b * nc, 2, 3)
+        eye = torch.eye(2, device=mo.device, dtype=mo.dtype).unsqueeze(0).expand(b * nc, 2, 2)
+        cands = coords.compose_affine(rsel, torch.cat([eye, d.unsqueeze(-1)], -1))
+        if nc == 1:
+            return cands, logits
+        return self.verify(mo, ms, vo, vs, cands.view(b, nc, 2, 3)), logits
+
+    def verify(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, vs: torch.Tensor,
+               cands: torch.Tensor) -> torch.Tensor:
+        """Pick, per sample, the candidate affine ``(B, C, 2, 3)`` (level pixels) whose warped SAR
+        descriptors have the most window support: window correlation peaks (as in the affine
+        refinement), one robust affine fit, and the confidence-weighted share of positions within 1
+        cell of it."""
+        b, nc = cands.shape[0], cands.shape[1]
+        h = mo.shape[-2]
+        w = mo.shape[-1]
+        a = cands.reshape(b * nc, 2, 3)
+        fl = coords.affine_to_flow(a, h, w)
+        vsw = (coords.warp(vs.repeat_interleave(nc, 0), fl) > 0.99).to(mo.dtype)
+        mor = mo.repeat_interleave(nc, 0)
+        _, disp, conf, inside = self.match_local(mor, ms.repeat_interleave(nc, 0), fl, self.r_aff, self.agg8, 1, self.cone_fit)
+        wt = conf * vo.repeat_interleave(nc, 0) * vsw * inside
+        pts = grid_points(b * nc, h, w, mo.device, mo.dtype)
+        tgt = pts + disp.flatten(2).transpose(1, 2)
+        upd = irls_affine(pts, tgt, wt.flatten(1), self.aff_k, 3)
+        pred = torch.bmm(pts, upd[:, :, :2].transpose(1, 2)) + upd[:, :, 2].unsqueeze(1)
+        near = (((pred - tgt) ** 2).sum(-1) < 1.0).to(mo.dtype)
+        support = (wt.flatten(1) * near).sum(1).view(b, nc)
+        best = support.argmax(1)
+        return cands[torch.arange(b, device=mo.device), best]
 
     def match_local(self, mo: torch.Tensor, ms: torch.Tensor, flow: torch.Tensor, r: int, agg: int,
-                    temp: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    temp: int, cone: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Warp ``ms`` by ``flow`` (level pixels), aggregated local correlation with ``mo``;
         returns (aggregated correlation, sub-pixel displacement, peak confidence, warped SAR validity)."""
         fsw = coords.warp(ms, flow)
-        corr = box(local_corr(mo, fsw, r), agg)
-        disp, interior = peak_subpixel(corr, r)
+        corr = window_zncc(mo, fsw, r, agg)
+        disp, interior = peak_subpixel(corr, r, cone)
         conf = torch.softmax(corr * self.log_scale[temp].exp(), 1).amax(1, keepdim=True) * interior
         return corr, disp, conf, coords.inside_mask(flow, mo.shape[-2], mo.shape[-1])
 
@@ -404,20 +502,20 @@ class SomaNet(nn.Module):
         b, c, h, w = mo.shape
         a_lvl = coords.scale_affine(a_full, float(stride))
         fl = coords.affine_to_flow(a_lvl, h, w).detach()
-        _, disp, conf, inside = self.match_local(mo, ms, fl, self.r_aff, agg, temp)
+        _, disp, conf, inside = self.match_local(mo, ms, fl, self.r_aff, agg, temp, self.cone_fit)
         pts = grid_points(b, h, w, mo.device, mo.dtype)
         tgt = pts + disp.flatten(2).transpose(1, 2)
-        upd = irls_affine(pts, tgt, (conf * vo * inside).flatten(1), 1.0, 3)
+        upd = irls_affine(pts, tgt, (conf * vo * inside).flatten(1), self.aff_k, 3)
         return coords.scale_affine(coords.compose_affine(a_lvl, upd), 1.0 / float(stride))
 
     def dense_input(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, flow: torch.Tensor,
                     r: int, agg: int, smooth: int, temp: int,
-                    prev_logit: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+                    prev_logit: Optional[torch.Tensor], cone: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """Dense refinement of a level flow: aggregated correlation peaks, then a robust consensus
         (confidence-weighted window means with Cauchy re-weighting, shrunk towards no update where
         the support is weak); returns (head input, refined base flow)."""
         flow = flow.detach()
-        corr, disp, conf, inside = self.match_local(mo, ms, flow, r, agg, temp)
+        corr, disp, conf, inside = self.match_local(mo, ms, flow, r, agg, temp, cone)
         w = conf * vo * inside
         disp_s, sup = norm_conv(disp, w, smooth)
         for _ in range(2):
@@ -487,25 +585,30 @@ class SomaNet(nn.Module):
               (F.avg_pool2d(vb, 8) > 0.99).to(vo.dtype)]
         # (2) affine refinement at stride 8 and 4
         a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
-        a_rel = self.refine_affine(mo[3], msw[3], vl[3], a_rel, 8, self.agg8, 1)
+        for _ in range(self.n_aff8):
+            a_rel = self.refine_affine(mo[3], msw[3], vl[3], a_rel, 8, self.agg8, 1)
         out["affine8"] = coords.compose_affine(a_g, a_rel)
-        a_rel = self.refine_affine(mo[2], msw[2], vl[2], a_rel, 4, self.agg4, 2)
+        for _ in range(self.n_aff4):
+            a_rel = self.refine_affine(mo[2], msw[2], vl[2], a_rel, 4, self.agg4, 2)
         out["affine4"] = coords.compose_affine(a_g, a_rel)
+        for _ in range(self.n_aff2):
+            a_rel = self.refine_affine(mo[1], msw[1], vl[1], a_rel, 2, self.agg2, 2)
+        out["affine2"] = coords.compose_affine(a_g, a_rel)
         # (3) dense flow at stride 4, 2, then full resolution
         h4 = mo[2].shape[-2]
         w4 = mo[2].shape[-1]
         fl4 = coords.affine_to_flow(coords.scale_affine(a_rel, 4.0), h4, w4)
-        x, base = self.dense_input(mo[2], msw[2], vl[2], fl4, self.r4, self.aggd4, self.smooth4, 3, None)
+        x, base = self.dense_input(mo[2], msw[2], vl[2], fl4, self.r4, self.aggd4, self.smooth4, 3, None, self.cone_fit)
         fl4, lg4 = self.dense_output(self.head4(x), base, None)
         out["flow4"] = coords.affine_after_flow(coords.scale_affine(a_g, 4.0), fl4)
         out["logit4"] = lg4
         lg2 = F.interpolate(lg4, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x, base = self.dense_input(mo[1], msw[1], vl[1], coords.upsample_flow(fl4, 2), self.r2, self.aggd2, self.smooth2, 4, lg2)
+        x, base = self.dense_input(mo[1], msw[1], vl[1], coords.upsample_flow(fl4, 2), self.r2, self.aggd2, self.smooth2, 4, lg2, self.cone_fit)
         fl2, lg2 = self.dense_output(self.head2(x), base, lg2)
         out["flow2"] = coords.affine_after_flow(coords.scale_affine(a_g, 2.0), fl2)
         out["logit2"] = lg2
         lg1 = F.interpolate(lg2, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x, base = self.dense_input(mo[0], msw[0], vl[0], coords.upsample_flow(fl2, 2), self.r1, self.aggd1, self.smooth1, 5, lg1)
+        x, base = self.dense_input(mo[0], msw[0], vl[0], coords.upsample_flow(fl2, 2), self.r1, self.aggd1, self.smooth1, 5, lg1, False)
         fl1, lg1 = self.dense_output(self.head1(x), base, lg1)
         out["flow"] = coords.affine_after_flow(a_g, fl1)
         out["logit"] = lg1
