@@ -248,6 +248,24 @@ def test_infer_pads_crops_and_masks(model):
     assert (cert[:, :, :10] == 0).all()
 
 
+def test_infer_runs_tiles_one_by_one_on_cpu():
+    """On the CPU every tile goes through the model alone, whatever batch_size says (batches only
+    add memory traffic there); the results keep the input order."""
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, opt, sar, vo, vs):
+            seen.append(opt.shape[0])
+            b = opt.shape[0]
+            flow = opt.mean((1, 2, 3)).view(b, 1, 1, 1).expand(b, 2, opt.shape[-2], opt.shape[-1])
+            return flow, torch.ones_like(opt)
+
+    opt = np.stack([np.full((64, 64), float(i), np.float32) for i in range(5)])
+    flow, _ = infer.run_model(Probe(), opt, opt.copy(), batch_size=4, device=torch.device("cpu"))
+    assert seen == [1, 1, 1, 1, 1]
+    assert np.allclose(flow[:, 0, 0, 0], np.arange(5))
+
+
 def test_identical_inputs_zero_flow_with_shipped_weights():
     """Identical optical and SAR inputs (smooth noise, unlike either modality) give ~zero flow.
 
