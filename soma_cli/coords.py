@@ -368,6 +368,11 @@ def affine_after_flow(a: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return affine_to_flow(a, h, w) + torch.einsum("bij,bjhw->bihw", a[:, :, :2], flow)
 
 
+def affine_points(a: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``(B, N, 2)`` pixel points ``(x, y)`` mapped by the ``(B, 2, 3)`` affines ``a``."""
+    return torch.bmm(points, a[:, :, :2].transpose(1, 2)) + a[:, :, 2].unsqueeze(1)
+
+
 def identity_affine(b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``(b, 2, 3)`` identity affines."""
     eye = torch.zeros(b, 2, 3, device=device, dtype=dtype)

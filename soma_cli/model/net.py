@@ -240,6 +240,19 @@ def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
+def shifted(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``(B, (2r+1)^2, H, W)``: the one-channel ``x`` read at ``q + (dx, dy)`` for ``dy, dx`` in
+    ``[-r, r]`` (zero outside; the channel order of :func:`local_corr`)."""
+    h = x.shape[-2]
+    w = x.shape[-1]
+    xp = F.pad(x, [r, r, r, r])
+    out: List[torch.Tensor] = []
+    for dy in range(2 * r + 1):
+        for dx in range(2 * r + 1):
+            out.append(xp[:, :, dy:dy + h, dx:dx + w])
+    return torch.cat(out, 1)
+
+
 def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int) -> torch.Tensor:
     """``(B, (2r+1)^2, H, W)`` zero-normalised cross-correlation of ``k x k`` windows of ``f1``
     (centred on ``q``) and ``f2`` (centred on ``q + (dx, dy)``), ``dy, dx`` in ``[-r, r]`` (dy outer,
@@ -255,7 +268,7 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int) -> torch.Ten
     v1 = (box((f1 * f1).sum(1, keepdim=True), k) - (m1 * m1).sum(1, keepdim=True)).clamp(min=0.0)
     v2 = (box((f2 * f2).sum(1, keepdim=True), k) - (m2 * m2).sum(1, keepdim=True)).clamp(min=0.0)
     num = box(local_corr(f1, f2, r), k) - local_corr(m1, m2, r)
-    den = torch.sqrt((v1 * local_corr(torch.ones_like(v2), v2, r)).clamp(min=1e-8))
+    den = torch.sqrt((v1 * shifted(v2, r)).clamp(min=1e-8))
     return num / den
 
 
@@ -270,8 +283,7 @@ def irls_affine(pts: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, k: float,
     """Weighted affine fit (coords.fit_affine) with Cauchy IRLS re-weighting (scale ``k`` px)."""
     a = coords.fit_affine(pts, tgt, w)
     for _ in range(iters):
-        pred = torch.bmm(pts, a[:, :, :2].transpose(1, 2)) + a[:, :, 2].unsqueeze(1)
-        res2 = ((pred - tgt) ** 2).sum(-1)
+        res2 = ((coords.affine_points(a, pts) - tgt) ** 2).sum(-1)
         a = coords.fit_affine(pts, tgt, w / (1.0 + res2 / (k * k)))
     return a
 
@@ -282,8 +294,8 @@ def grid_points(b: int, h: int, w: int, device: torch.device, dtype: torch.dtype
 
 
 def peak_subpixel(corr: torch.Tensor, r: int, cone: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Displacement ``(B, 2, H, W)`` of the best :func:`local_corr` channel, refined per axis by a
-    parabola through the peak and its two neighbours, and ``(B, 1, H, W)`` = 1 where the peak is
+    """Displacement ``(B, 2, H, W)`` of the best :func:`local_corr` channel, refined per axis from the
+    peak and its two neighbours (a parabola, or with ``cone`` the :func:`equiangular` V fit), and ``(B, 1, H, W)`` = 1 where the peak is
     inside the search window (a peak on its border is no peak: the true one may lie beyond)."""
     n = 2 * r + 1
     idx = corr.argmax(1, keepdim=True)
@@ -480,8 +492,7 @@ class SomaNet(nn.Module):
         pts = grid_points(b * nc, h, w, mo.device, mo.dtype)
         tgt = pts + disp.flatten(2).transpose(1, 2)
         upd = irls_affine(pts, tgt, wt.flatten(1), self.aff_k, 3)
-        pred = torch.bmm(pts, upd[:, :, :2].transpose(1, 2)) + upd[:, :, 2].unsqueeze(1)
-        near = (((pred - tgt) ** 2).sum(-1) < 1.0).to(mo.dtype)
+        near = (((coords.affine_points(upd, pts) - tgt) ** 2).sum(-1) < 1.0).to(mo.dtype)
         support = (wt.flatten(1) * near).sum(1).view(b, nc)
         best = support.argmax(1)
         return cands[torch.arange(b, device=mo.device), best]
@@ -583,7 +594,7 @@ class SomaNet(nn.Module):
         vb = 1.0 - F.max_pool2d(1.0 - vo * vsw, 2 * m + 1, 1, m)
         vl = [vb, (F.avg_pool2d(vb, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vb, 4) > 0.99).to(vo.dtype),
               (F.avg_pool2d(vb, 8) > 0.99).to(vo.dtype)]
-        # (2) affine refinement at stride 8 and 4
+        # (2) affine refinement at stride 8, 4 and 2 (the 1/2 stage shares the 1/4 temperature)
         a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
         for _ in range(self.n_aff8):
             a_rel = self.refine_affine(mo[3], msw[3], vl[3], a_rel, 8, self.agg8, 1)
