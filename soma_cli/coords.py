@@ -309,6 +309,33 @@ def inside_mask(flow: torch.Tensor, src_h: int, src_w: int) -> torch.Tensor:
     return ok.unsqueeze(1).to(flow.dtype)
 
 
+def subsample(x: torch.Tensor, step: int) -> torch.Tensor:
+    """Every ``step``-th pixel of ``(B, C, H, W)`` in both directions, starting at ``step // 2``:
+    sample ``(i, j)`` is pixel ``(c, r) = (step*j + step//2, step*i + step//2)`` of the same grid
+    (values are not rescaled: a flow sampled this way stays in pixels of the full grid)."""
+    if step == 1:
+        return x
+    o = step // 2
+    return x[:, :, o::step, o::step]
+
+
+def densify(x: torch.Tensor, step: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`subsample`: the ``h x w`` grid, bilinear between the samples (pixel
+    ``c`` lies at sample coordinate ``(c - step//2) / step``), the nearest edge sample beyond them."""
+    if step == 1:
+        return x
+    b = x.shape[0]
+    o = float(step // 2)
+    ws = x.shape[-1]
+    hs = x.shape[-2]
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) - o) / float(step)
+    ys = (torch.arange(h, device=x.device, dtype=x.dtype) - o) / float(step)
+    gx = ((2.0 * xs + 1.0) / ws - 1.0).view(1, 1, w).expand(b, h, w)
+    gy = ((2.0 * ys + 1.0) / hs - 1.0).view(1, h, 1).expand(b, h, w)
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def upsample_flow(flow: torch.Tensor, factor: int) -> torch.Tensor:
     """Level flow -> ``factor`` times finer level: bilinear (align_corners=False) and scaled."""
     up = F.interpolate(flow, scale_factor=float(factor), mode="bilinear", align_corners=False)

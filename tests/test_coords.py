@@ -48,6 +48,27 @@ def test_upsampled_flow_is_rescaled_and_matches_the_level_affine():
         np.testing.assert_allclose(coords.scale_affine_np(a[0].numpy(), s), coords.scale_affine(a, float(s))[0].numpy())
 
 
+def test_subsample_and_densify_round_trip():
+    """densify puts subsample's samples back at their pixels: a linear field is reproduced exactly
+    between the first and last sample, and held constant beyond them."""
+    h, w = 37, 50
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    field = torch.stack([0.3 * xx - 0.1 * yy + 2.0, 0.05 * xx + 0.2 * yy], 0).unsqueeze(0)
+    assert torch.equal(coords.subsample(field, 1), field)
+    assert torch.equal(coords.densify(field, 1, h, w), field)
+    for step in (2, 3, 4):
+        o = step // 2
+        s = coords.subsample(field, step)
+        assert s[0, 0, 1, 2].item() == field[0, 0, step + o, 2 * step + o].item()
+        back = coords.densify(s, step, h, w)
+        last_r = o + step * (s.shape[-2] - 1)
+        last_c = o + step * (s.shape[-1] - 1)
+        inner = (slice(None), slice(None), slice(o, last_r + 1), slice(o, last_c + 1))
+        assert (back[inner] - field[inner]).abs().max() < 1e-9, step
+        assert torch.allclose(back[..., :o, o:last_c + 1], field[..., o:o + 1, o:last_c + 1].expand(1, 2, o, -1))
+        assert torch.allclose(back[..., last_r:, last_c:], field[..., last_r:last_r + 1, last_c:last_c + 1].expand_as(back[..., last_r:, last_c:]))
+
+
 def test_affine_composition_order():
     rng = np.random.default_rng(1)
     a = np.array([[1.02, 0.1, 3.0], [-0.05, 0.97, -1.0]])
