@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
 from typing import Optional, Tuple
 
 import numpy as np
@@ -21,6 +23,34 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda")
     return torch.device(device)
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_cpu_allocator() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing every large block back to the OS.
+
+    The network allocates and frees many 4-50 MB intermediate tensors per tile. By default glibc
+    serves each of them with a fresh ``mmap`` and returns it on ``free``, so every allocation pays
+    page faults: on the 2-core machine that was about a fifth of a 512 px forward pass (0.84 s
+    against 0.70 s). Blocks up to 32 MB now come from the heap, and up to 1 GiB of free heap is kept.
+    Process-wide and idempotent, like ``torch.set_num_threads``; a no-op (returns False) where the C
+    library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
+    ok = mallopt(_M_TOP_PAD, 64 << 20) == 1 and ok
+    return ok
 
 
 def _pad_to(x: torch.Tensor, mult: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soma_cli import infer
+from soma_cli import coords, infer
 from soma_cli.errors import WeightsError
 from soma_cli.model import loader, net
 
@@ -128,11 +128,31 @@ def test_sub_pixel_fits_parabola_and_equiangular():
     assert torch.allclose(disp.flatten(), torch.tensor([0.3, -0.2]), atol=1e-5)
 
 
-def test_box_large_windows_match_pooling():
-    """The cumulative-sum box (large windows) equals separable average pooling that averages only
-    what lies inside, windows wider than the image included."""
+def test_strided_window_zncc_equals_the_dense_one_subsampled():
+    """window_zncc with a step scores exactly the positions coords.subsample keeps, whatever the
+    image size, and the Encoder's coarse-only pass gives the same 1/8 descriptor as the full one."""
+    g = torch.Generator().manual_seed(3)
+    for h, w in ((40, 40), (45, 62)):
+        a = torch.randn(1, 4, h, w, generator=g, dtype=torch.float64)
+        b = torch.randn(1, 4, h, w, generator=g, dtype=torch.float64)
+        full = net.window_zncc(a, b, 2, 9)
+        for step in (2, 3, 4):
+            sparse = net.window_zncc(a, b, 2, 9, step)
+            ref = coords.subsample(full, step)
+            assert sparse.shape == ref.shape == (1, 25, len(range(step // 2, h, step)), len(range(step // 2, w, step)))
+            assert torch.allclose(sparse, ref, atol=1e-12), (h, w, step)
+    torch.manual_seed(0)
+    enc = net.Encoder([8, 8, 8], 4).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(enc(x, False)[0], enc(x)[3])
+
+
+def test_box_matches_pooling():
+    """The cumulative-sum box equals separable average pooling that averages only what lies inside,
+    for small and large windows, windows wider than the image included."""
     x = torch.randn(2, 3, 40, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    for k in (17, 31, 61):
+    for k in (3, 5, 9, 15, 17, 31, 61):
         ref = F.avg_pool2d(x, [1, k], 1, [0, k // 2], count_include_pad=False)
         ref = F.avg_pool2d(ref, [k, 1], 1, [k // 2, 0], count_include_pad=False)
         assert torch.allclose(net.box(x, k), ref, atol=1e-9), k
@@ -269,9 +289,9 @@ def test_infer_runs_tiles_one_by_one_on_cpu():
 def test_identical_inputs_zero_flow_with_shipped_weights():
     """Identical optical and SAR inputs (smooth noise, unlike either modality) give ~zero flow.
 
-    With the shipped weights (weights/soma-0.4.0.pt) the measured median |flow| on this image is
-    0.029 px, and the largest component 0.052 px (seeds 4 and 5: 0.024-0.028 and 0.034-0.051). The bound 0.25 px
-    leaves a margin and still fails on any half-pixel slip or a flow that runs away.
+    With the shipped weights (weights/soma-0.5.0.pt) the measured median |flow| on this image is
+    0.029 px, and the largest component 0.052 px (seeds 4 and 5: 0.024-0.028 and 0.035-0.051). The
+    bound 0.25 px leaves a margin and still fails on any half-pixel slip or a flow that runs away.
     """
     w = loader.default_weights_path()
     if not w.is_file():
@@ -287,3 +307,13 @@ def test_identical_inputs_zero_flow_with_shipped_weights():
     flow, cert = m.match(img[None], img[None].copy())
     inner = flow[0][:, 32:-32, 32:-32]
     assert np.median(np.hypot(inner[0], inner[1])) < 0.25
+
+
+def test_cpu_allocator_tuning_applies_on_glibc():
+    """The soma matcher's allocator setting takes effect where the C library is glibc (mallopt
+    accepts all three parameters); elsewhere it reports that it did nothing."""
+    import platform
+
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert infer.tune_cpu_allocator() is expected
+    assert infer.tune_cpu_allocator() is expected  # idempotent

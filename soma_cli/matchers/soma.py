@@ -16,6 +16,8 @@ class SomaMatcher:
 
     def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4):
         self.device = infer.resolve_device(device or "auto")
+        if self.device.type == "cpu":
+            infer.tune_cpu_allocator()
         self.model, self.metadata = load_weights(weights, device=str(self.device))
         self.batch_size = batch_size
         self.multiple = int(self.metadata.get("tile_multiple", infer.TILE_MULTIPLE))
