@@ -49,7 +49,7 @@ class RegisterOptions:
     opt: Path
     out: Path
     reference: str = "opt"
-    method: str = "gradient"
+    method: str = "soma"
     mode: str = "dense"
     flow_out: Optional[Path] = None
     qa_out: Optional[Path] = None
