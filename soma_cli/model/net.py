@@ -236,18 +236,14 @@ def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1) -> tor
     at the positions ``q`` of :func:`coords.subsample` (all of them when ``step`` is 1)."""
     h = f1.shape[-2]
     w = f1.shape[-1]
-    o = step // 2
-    hs = (h - o + step - 1) // step
-    ws = (w - o + step - 1) // step
+    o = step // 2  # coords.subsample's first position, on the channels-last layout below
     # channels last: the per-shift channel sums run over contiguous memory (twice as fast on a CPU)
     a = coords.subsample(f1, step).permute(0, 2, 3, 1).contiguous()
     f2p = F.pad(f2, [r, r, r, r]).permute(0, 2, 3, 1).contiguous()
     out: List[torch.Tensor] = []
     for dy in range(2 * r + 1):
         for dx in range(2 * r + 1):
-            y0 = o + dy
-            x0 = o + dx
-            out.append((a * f2p[:, y0:y0 + step * (hs - 1) + 1:step, x0:x0 + step * (ws - 1) + 1:step, :]).sum(-1))
+            out.append((a * f2p[:, dy:dy + h, dx:dx + w, :][:, o::step, o::step, :]).sum(-1))
     return torch.stack(out, 1)
 
 
@@ -256,16 +252,11 @@ def shifted(x: torch.Tensor, r: int, step: int = 1) -> torch.Tensor:
     ``[-r, r]`` (zero outside; the channel order of :func:`local_corr`), ``q`` as in :func:`coords.subsample`."""
     h = x.shape[-2]
     w = x.shape[-1]
-    o = step // 2
-    hs = (h - o + step - 1) // step
-    ws = (w - o + step - 1) // step
     xp = F.pad(x, [r, r, r, r])
     out: List[torch.Tensor] = []
     for dy in range(2 * r + 1):
         for dx in range(2 * r + 1):
-            y0 = o + dy
-            x0 = o + dx
-            out.append(xp[:, :, y0:y0 + step * (hs - 1) + 1:step, x0:x0 + step * (ws - 1) + 1:step])
+            out.append(coords.subsample(xp[:, :, dy:dy + h, dx:dx + w], step))
     return torch.cat(out, 1)
 
 
@@ -314,9 +305,10 @@ def irls_affine(pts: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, k: float,
     return a
 
 
-def grid_points(b: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``(b, h*w, 2)`` pixel-centre coordinates (x, y) of a level grid."""
-    return coords.base_grid(b, h, w, device, dtype).flatten(2).transpose(1, 2)
+def grid_points(b: int, h: int, w: int, device: torch.device, dtype: torch.dtype, step: int = 1) -> torch.Tensor:
+    """``(b, N, 2)`` pixel-centre coordinates (x, y) of a level grid, at the positions of
+    :func:`coords.subsample` (all ``h*w`` of them when ``step`` is 1)."""
+    return coords.subsample(coords.base_grid(b, h, w, device, dtype), step).flatten(2).transpose(1, 2)
 
 
 def peak_subpixel(corr: torch.Tensor, r: int, cone: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -546,7 +538,7 @@ class SomaNet(nn.Module):
         a_lvl = coords.scale_affine(a_full, float(stride))
         fl = coords.affine_to_flow(a_lvl, h, w).detach()
         _, disp, conf, inside = self.match_local(mo, ms, fl, self.r_aff, agg, temp, self.cone_fit, step)
-        pts = coords.subsample(coords.base_grid(b, h, w, mo.device, mo.dtype), step).flatten(2).transpose(1, 2)
+        pts = grid_points(b, h, w, mo.device, mo.dtype, step)
         tgt = pts + disp.flatten(2).transpose(1, 2)
         upd = irls_affine(pts, tgt, (conf * coords.subsample(vo, step) * inside).flatten(1), self.aff_k, 3)
         return coords.scale_affine(coords.compose_affine(a_lvl, upd), 1.0 / float(stride))
@@ -574,7 +566,7 @@ class SomaNet(nn.Module):
         x = coords.densify(torch.cat([disp, disp_s, conf, sup], 1), step, h, w)
         if prev_logit is not None:
             x = torch.cat([x, prev_logit], 1)
-        return x, flow + x[:, 2:4]
+        return x, flow + x[:, 2:4]  # channels 2:4 of x: the consensus, at every position
 
     def dense_output(self, out: torch.Tensor, base: torch.Tensor,
                      prev_logit: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
