@@ -109,6 +109,30 @@ def test_window_zncc_matches_brute_force_and_peaks_at_the_shift():
     assert z[0, :, 6:18, 6:20].amax(0).min().item() > 0.999
 
 
+def test_window_zncc_is_bounded_and_scores_zero_without_a_window():
+    """Scores stay in [-1, 1] everywhere, borders included: a window without variance scores 0 and a
+    shift whose window centre falls outside the image -1 (no candidate), not num / eps, which gave
+    |z| in the thousands along the borders and swamped the training's matching loss."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(2, 4, 30, 34, generator=g)
+    b = torch.randn(2, 4, 30, 34, generator=g)
+    b[1, :, :, :12] = 0.0  # flat: no variance
+    r, k = 3, 7
+    z = net.window_zncc(a, b, r, k)
+    assert torch.isfinite(z).all() and z.abs().max().item() <= 1.0
+    n = 2 * r + 1
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            c = (dy + r) * n + dx + r
+            if dy < 0:
+                assert (z[:, c, 0] == -1).all()  # centre q + d above the first row
+            if dx > 0:
+                assert (z[:, c, :, -1] == -1).all()  # right of the last column
+    assert (z[1, :, r:-r, r:12 - k // 2 - r] == 0).all()  # every shifted window flat, inside
+    sparse = net.window_zncc(a, b, r, k, 4)
+    assert torch.equal(sparse, coords.subsample(z, 4))
+
+
 def test_sub_pixel_fits_parabola_and_equiangular():
     """Both sub-pixel fits recover the vertex of their own peak shape exactly: the parabola for a
     quadratic peak, the equiangular (V) fit for a cone-shaped one, which the parabola biases

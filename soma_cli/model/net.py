@@ -266,7 +266,7 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 
     as :func:`local_corr`); each window's mean descriptor is removed before the correlation, as in
     the window ZNCC of CFOG-like matchers, so a texture common to the whole window (speckle, a
     dominant orientation) does not lift every shift alike.  Values are in ``[-1, 1]``; a window
-    without variance scores 0.  With ``step`` > 1 only the window centres ``q`` of
+    without variance scores 0, a shift whose window centre ``q + d`` lies outside the image -1.  With ``step`` > 1 only the window centres ``q`` of
     :func:`coords.subsample` are scored (the same values, for less work where wide windows overlap).
 
     Computed from box filters: ``sum(f1 f2) - <mean f1, mean f2>`` over the window, divided by the
@@ -284,8 +284,15 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 
         prod = box_1d(local_corr(f1, f2, r), k, 3)[:, :, :, o::step].transpose(2, 3).contiguous()
         prod = box_1d(prod, k, 3)[:, :, :, o::step].transpose(2, 3)
     num = prod - local_corr(m1, m2, r, step)
-    den = torch.sqrt((coords.subsample(v1, step) * shifted(v2, r, step)).clamp(min=1e-8))
-    return num / den
+    # a window without variance has no correlation: it scores 0 (not num / eps, which reached |z| of
+    # thousands along the borders, where shifted() reads zero variance); a shift whose window centre
+    # lies outside the image is no candidate: -1; rounding in the box sums can push |z| past 1: clamped
+    vv = coords.subsample(v1, step) * shifted(v2, r, step)
+    ok = vv > 1e-6
+    z = num / torch.sqrt(torch.where(ok, vv, torch.ones_like(vv)))
+    z = torch.where(ok, z, torch.zeros_like(z)).clamp(-1.0, 1.0)
+    inside = shifted(torch.ones_like(v2), r, step) > 0.5
+    return torch.where(inside, z, -torch.ones_like(z))
 
 
 def l2n(x: torch.Tensor) -> torch.Tensor:
