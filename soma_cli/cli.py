@@ -328,6 +328,7 @@ def train_cmd(
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (model.pt/best.pt/ckpt.pt; fresh optimizer and schedule).")] = None,
     consistency: Annotated[float, typer.Option("--consistency", min=0, help="Weight of the self-consistency loss (0: off).")] = 1.0,
     absolute: Annotated[float, typer.Option("--absolute", min=0, help="Weight of the losses against the synthetic deformation.")] = 0.3,
+    only: Annotated[str, typer.Option("--only", help="certainty: train only the final certainty readout (with --init; the flow stays exactly as it is).")] = "",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing cache.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ):
@@ -358,7 +359,7 @@ def train_cmd(
     cfg = tr.FitConfig(steps=steps, time_budget_min=time_budget, batch_size=batch_size, crop=crop, lr=lr,
                        seed=seed, threads=threads, device=device, workers=workers, val_every=val_every,
                        val_chip=val_chip, init=str(init) if init else "", consistency=consistency,
-                       absolute=absolute)
+                       absolute=absolute, only=only)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

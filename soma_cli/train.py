@@ -421,8 +421,7 @@ def compute_loss(out: Dict[str, torch.Tensor], gt: torch.Tensor, mask: torch.Ten
     parts["match4"] = match_ce(model, out["desc_opt4"], out["desc_sar4"], gt, mask, 4, 3)
     parts["match2"] = match_ce(model, out["desc_opt2"], out["desc_sar2"], gt, mask, 2, 4)
     # certainty: BCE towards "error < 1 px" (0 where there is no valid match)
-    err = torch.sqrt(((out["flow"].detach() - gt) ** 2).sum(1, keepdim=True))
-    target = mask * (err < 1.0).to(gt.dtype)
+    target = certainty_target(out["flow"], gt, mask)
     bce = F.binary_cross_entropy_with_logits(out["logit"].float(), target.float(), reduction="none")
     parts["cert"] = _masked_mean(bce, opt_valid)
     weights = {"flow": 1.0, "flow2": 1.0, "flow4": 1.0, "affine_global": 0.1, "affine8": 0.3, "affine4": 0.3,
@@ -462,6 +461,41 @@ def relative_rmse(flow0: torch.Tensor, flow1: torch.Tensor, gt: torch.Tensor, op
     return chip_rmse(flow1, expected, mask)
 
 
+def certainty_target(flow: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What the certainty should say: 1 where the flow is within 1 px of ``ref`` (and ``mask`` is
+    set), else 0.  ``ref`` is the synthetic ground truth (:func:`compute_loss`), or, for
+    ``only="certainty"`` and the validation, the self-consistent flow of :func:`_consistency_target`,
+    which the pair's own residual misregistration does not pollute."""
+    err = torch.sqrt(((flow.detach() - ref) ** 2).sum(1, keepdim=True))
+    return mask * (err < 1.0).to(ref.dtype)
+
+
+def consistency_certainty_target(flow0: torch.Tensor, flow: torch.Tensor, gt: torch.Tensor,
+                                 opt_valid: torch.Tensor, sar_valid: torch.Tensor) -> torch.Tensor:
+    """1 where the flow on the deformed pair is within 1 px of the undeformed pair's flow followed by
+    the deformation (a valid match in both), else 0."""
+    expected, cmask = _consistency_target(flow0, gt, opt_valid)
+    return certainty_target(flow, expected, cmask * gt_mask(gt, opt_valid, sar_valid))
+
+
+def certainty_params(model: netmod.SomaNet) -> List[torch.nn.Parameter]:
+    """Freeze the network except the certainty row (output channel 2) of the final dense head's last
+    convolution, whose flow rows (0, 1) get their gradients zeroed: the flow, and every other output,
+    stay exactly as they are.  Returns the trainable parameters (weight, bias)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    last = model.head1.net[-1]
+    keep = torch.zeros(3, device=last.bias.device)
+    keep[2] = 1.0
+    out = []
+    for p in (last.weight, last.bias):
+        p.requires_grad_(True)
+        shape = [3] + [1] * (p.dim() - 1)
+        p.register_hook(lambda g, k=keep.view(shape): g * k)
+        out.append(p)
+    return out
+
+
 @torch.no_grad()
 def validate(model: torch.nn.Module, chips: List[Dict[str, np.ndarray]], device: torch.device,
              batch_size: int = 4) -> dict:
@@ -472,13 +506,26 @@ def validate(model: torch.nn.Module, chips: List[Dict[str, np.ndarray]], device:
     rmses: List[float] = []
     rel: List[float] = []
     protos: List[str] = []
+    bce_sum, n_px = 0.0, 0.0
+    hits = np.zeros((2, 2))  # [certainty > 0.5, target] pixel counts
     for i in range(0, len(chips), batch_size):
         group = chips[i:i + batch_size]
         t = {k: torch.from_numpy(np.stack([c[k] for c in group])).to(device)
              for k in ("opt", "sar", "opt_valid", "sar_valid", "gt", "sar0", "sar0_valid")}
-        flow, _ = model(t["opt"], t["sar"], t["opt_valid"], t["sar_valid"])
+        flow, cert = model(t["opt"], t["sar"], t["opt_valid"], t["sar_valid"])
         flow0, _ = model(t["opt"], t["sar0"], t["opt_valid"], t["sar0_valid"])
         m = gt_mask(t["gt"], t["opt_valid"], t["sar_valid"])
+        tgt = consistency_certainty_target(flow0.float(), flow.float(), t["gt"], t["opt_valid"], t["sar_valid"])
+        c = cert.float().clamp(1e-6, 1.0 - 1e-6)
+        ov = t["opt_valid"]
+        bce_sum += float((-(tgt * c.log() + (1.0 - tgt) * (1.0 - c).log()) * ov).sum())
+        n_px += float(ov.sum())
+        sure = (c > 0.5).to(ov.dtype)
+        for a in (0, 1):
+            for b in (0, 1):
+                sa = sure if a else 1.0 - sure
+                tb = tgt if b else 1.0 - tgt
+                hits[a, b] += float((sa * tb * ov).sum())
         rmses += chip_rmse(flow.float(), t["gt"], m).cpu().tolist()
         rel += relative_rmse(flow0.float(), flow.float(), t["gt"], t["opt_valid"]).cpu().tolist()
         protos += [c["protocol"] for c in group]
@@ -488,7 +535,15 @@ def validate(model: torch.nn.Module, chips: List[Dict[str, np.ndarray]], device:
     res = {"rel_cmr1": float((q < 1.0).mean()) if q.size else float("nan"),
            "rel_median_rmse": float(np.median(q)) if q.size else float("nan"),
            "cmr1": float((r < 1.0).mean()) if r.size else float("nan"),
-           "median_rmse": float(np.median(r)) if r.size else float("nan"), "n": int(r.size)}
+           "median_rmse": float(np.median(r)) if r.size else float("nan"), "n": int(r.size),
+           # the certainty against "within 1 px of the self-consistent flow" (consistency_certainty_target):
+           # binary cross-entropy (0.693 for a
+           # constant 0.5), the share of valid pixels above 0.5, and how often those (and the others)
+           # are within 1 px
+           "cert_bce": bce_sum / max(n_px, 1.0),
+           "cert_coverage": float(hits[1].sum() / max(hits.sum(), 1.0)),
+           "cert_precision": float(hits[1, 1] / hits[1].sum()) if hits[1].sum() > 0 else float("nan"),
+           "uncertain_within_1px": float(hits[0, 1] / hits[0].sum()) if hits[0].sum() > 0 else float("nan")}
     for p in sorted(set(protos)):
         sel = np.array(protos) == p
         res[f"rel_cmr1_{p}"] = float((q[sel] < 1.0).mean())
@@ -521,6 +576,7 @@ class FitConfig:
     init: str = ""  # start from this checkpoint's model weights (fresh optimizer and schedule)
     consistency: float = 1.0  # weight of the self-consistency loss (0: off, one forward pass per step)
     absolute: float = 0.3  # weight of the losses against the synthetic deformation
+    only: str = ""  # "certainty": train only the final certainty readout (the flow stays exactly as it is)
 
 
 def _lr_at(frac: float, cfg: FitConfig) -> float:
@@ -540,11 +596,22 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _better(val: dict, best: float, best_rmse: float) -> bool:
-    """Best checkpoint: higher relative CMR@1px, ties broken by a lower relative median RMSE."""
-    if val["rel_cmr1"] != best:
-        return val["rel_cmr1"] > best
-    return not (val["rel_median_rmse"] > best_rmse)
+def _score(val: dict, only: str) -> Tuple[float, float]:
+    """What selects ``best.pt`` (higher first, then lower second): the relative CMR@1px and median
+    RMSE, or, when only the certainty trains, the negated certainty cross-entropy."""
+    if only == "certainty":
+        return -val["cert_bce"], 0.0
+    return val["rel_cmr1"], val["rel_median_rmse"]
+
+
+def _better(val: dict, best: float, best_rmse: float, only: str = "") -> bool:
+    """Best checkpoint: higher relative CMR@1px, ties broken by a lower relative median RMSE (or a
+    lower certainty cross-entropy when only the certainty trains)."""
+    score, rmse = _score(val, only)
+    if score != best:
+        return score > best
+    return not (rmse > best_rmse)
+
 
 
 def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Progress] = None) -> dict:
@@ -565,9 +632,14 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
     data = TrainSamples(cache["train_opt"], cache["train_sar"], cache["train_valid"], cfg.crop, cfg.seed)
     chips = val_chips(cache, cfg.val_chip, seed=cfg.seed, max_pairs=cfg.val_pairs)
 
+    if cfg.only not in ("", "certainty"):
+        raise ConfigError(f"unknown --only {cfg.only!r}; expected certainty")
     torch.manual_seed(cfg.seed)
     model = netmod.build().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.only == "certainty":  # no weight decay either: the frozen flow rows must not shrink
+        opt = torch.optim.AdamW(certainty_params(model), lr=cfg.lr, weight_decay=0.0)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, elapsed_before, best, best_rmse = 0, 0.0, -1.0, math.inf
     history: List[dict] = []
     ckpt_path = out_dir / "ckpt.pt"
@@ -599,7 +671,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
 
     def save_best(val: dict) -> None:
         nonlocal best, best_rmse
-        best, best_rmse = val["rel_cmr1"], val["rel_median_rmse"]
+        best, best_rmse = _score(val, cfg.only)
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         _atomic_torch_save({"model": sd, **state(val)}, out_dir / "best.pt")
 
@@ -621,7 +693,9 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
         history.append({"step": 0, "val": val})
         save_best(val)
         log({"step": 0, "val": val})
-    model.train()
+    # the network has no dropout or batch statistics: eval mode only skips the training-only
+    # descriptors, which certainty training does not use
+    model.train(cfg.only != "certainty")
     ema: Optional[float] = None
     stop_reason = "steps"
     for batch in (loader if step < cfg.steps else []):
@@ -638,8 +712,16 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
         b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         out = model.run(b["opt"], b["sar"], b["opt_valid"], b["sar_valid"])
         mask = gt_mask(b["gt"], b["opt_valid"], b["sar_valid"])
-        loss, parts = compute_loss(out, b["gt"], mask, b["opt_valid"], model)
-        if cfg.consistency > 0:
+        if cfg.only == "certainty":
+            with torch.no_grad():
+                flow0 = model.run(b["opt"], b["sar0"], b["opt_valid"], b["sar0_valid"])["flow"]
+            tgt = consistency_certainty_target(flow0, out["flow"], b["gt"], b["opt_valid"], b["sar_valid"])
+            loss = _masked_mean(F.binary_cross_entropy_with_logits(out["logit"].float(), tgt.float(),
+                                                                   reduction="none"), b["opt_valid"])
+            parts = {"cert": float(loss.detach())}
+        else:
+            loss, parts = compute_loss(out, b["gt"], mask, b["opt_valid"], model)
+        if cfg.consistency > 0 and cfg.only != "certainty":
             out0 = model.run(b["opt"], b["sar0"], b["opt_valid"], b["sar0_valid"])
             cons = consistency_loss(out0["flow"], out["flow"], b["gt"], b["opt_valid"])
             parts["consistency"] = float(cons.detach())
@@ -647,7 +729,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
         step += 1
         lv = float(loss.detach())
@@ -657,7 +739,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
             val = validate(model, chips, device)
             rec["val"] = val
             history.append({"step": step, "val": val})
-            if _better(val, best, best_rmse):
+            if _better(val, best, best_rmse, cfg.only):
                 save_best(val)
         log(rec)
         if time.time() - last_ckpt >= cfg.ckpt_every_s or "val" in rec:
@@ -671,7 +753,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
             progress(step, cfg.steps, info)
     final_val = validate(model, chips, device)
     history.append({"step": step, "val": final_val})
-    if _better(final_val, best, best_rmse):
+    if _better(final_val, best, best_rmse, cfg.only):
         save_best(final_val)
     save(final_val)
     log({"step": step, "final_val": final_val, "stop": stop_reason})

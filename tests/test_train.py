@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from soma_cli import train
-from soma_cli.errors import OutputError
+from soma_cli.errors import ConfigError, OutputError
 from soma_cli.model import loader
 
 
@@ -161,6 +161,45 @@ def test_fit_init_starts_from_checkpoint_weights(tmp_path):
 
     with pytest.raises(WeightsError):
         train.fit(cache, tmp_path / "run2", train.FitConfig(**{**cfg.__dict__, "init": str(tmp_path / "nope.pt")}))
+
+
+def test_fit_only_certainty_changes_nothing_but_the_certainty_row(tmp_path):
+    """``only="certainty"``: every parameter but the certainty row of the final head's last
+    convolution stays bit-identical (the flow rows of that convolution included), that row moves,
+    the flow of the trained model is unchanged, and its certainty is no longer the untrained 0.5."""
+    rng = np.random.default_rng(2)
+    from scipy import ndimage
+
+    base = ndimage.gaussian_filter(rng.standard_normal((2, 128, 128)), (0, 2, 2))
+    img = ((base - base.min()) / (base.max() - base.min()) * 250).astype(np.uint8)
+    valid = np.packbits(np.ones((2, 128, 128), bool), axis=-1)
+    cache = tmp_path / "c.npz"
+    np.savez_compressed(cache, train_opt=img, train_sar=img, train_valid=valid, val_opt=img[:1],
+                        val_sar=img[:1], val_valid=valid[:1],
+                        meta=np.frombuffer(json.dumps({"val_names": ["v"]}).encode(), np.uint8))
+    torch.manual_seed(0)
+    src = train.netmod.build()
+    torch.save({"model": src.state_dict(), "step": 0}, tmp_path / "pre.pt")
+    cfg = train.FitConfig(steps=3, batch_size=1, crop=96, lr=0.05, threads=1, device="cpu", val_chip=96,
+                          val_pairs=1, val_every=3, init=str(tmp_path / "pre.pt"), only="certainty")
+    res = train.fit(cache, tmp_path / "run", cfg)
+    assert res["step"] == 3 and 0.0 <= res["val"]["cert_bce"] < 10.0
+    got = torch.load(tmp_path / "run" / "model.pt", weights_only=False)["model"]
+    ref = src.state_dict()
+    moved = [n for n in ref if not torch.equal(got[n], ref[n])]
+    assert set(moved) == {"head1.net.6.weight", "head1.net.6.bias"}, moved
+    for n in moved:
+        assert torch.equal(got[n][:2], ref[n][:2]) and not torch.equal(got[n][2], ref[n][2])
+    trained = train.load_model_checkpoint(tmp_path / "run" / "model.pt")
+    src.eval()
+    x = torch.from_numpy(img[:1, :96, :96].astype(np.float32) / 100.0)[None]
+    with torch.no_grad():
+        f0, c0 = src(x, x)
+        f1, c1 = trained(x, x)
+    assert torch.equal(f0, f1)
+    assert (c0 - 0.5).abs().max() < 0.01 and (c1 - 0.5).abs().max() > 0.05
+    with pytest.raises(ConfigError):
+        train.fit(cache, tmp_path / "run2", train.FitConfig(**{**cfg.__dict__, "only": "heads"}))
 
 
 def test_consistency_loss_and_relative_rmse():
