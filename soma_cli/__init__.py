@@ -1,3 +1,3 @@
 """SOMA: sub-pixel SAR <-> optical co-registration."""
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
