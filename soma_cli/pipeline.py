@@ -49,7 +49,7 @@ class RegisterOptions:
     opt: Path
     out: Path
     reference: str = "opt"
-    method: str = "soma"
+    method: str = "gradient"
     mode: str = "dense"
     flow_out: Optional[Path] = None
     qa_out: Optional[Path] = None
