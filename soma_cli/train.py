@@ -619,6 +619,8 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
     ``best.pt`` (best validation CMR@1px, ties broken by median RMSE), ``log.jsonl``.  With
     ``cfg.init`` and no ``ckpt.pt`` yet, the model starts from that checkpoint's weights (fine-tuning:
     fresh optimizer and schedule); an existing ``ckpt.pt`` is resumed instead. Returns the final summary."""
+    if cfg.only not in ("", "certainty"):
+        raise ConfigError(f"unknown --only {cfg.only!r}; expected certainty")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
@@ -632,8 +634,6 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
     data = TrainSamples(cache["train_opt"], cache["train_sar"], cache["train_valid"], cfg.crop, cfg.seed)
     chips = val_chips(cache, cfg.val_chip, seed=cfg.seed, max_pairs=cfg.val_pairs)
 
-    if cfg.only not in ("", "certainty"):
-        raise ConfigError(f"unknown --only {cfg.only!r}; expected certainty")
     torch.manual_seed(cfg.seed)
     model = netmod.build().to(device)
     if cfg.only == "certainty":  # no weight decay either: the frozen flow rows must not shrink
