@@ -48,9 +48,10 @@ def collect(model, chips, batch: int = 4):
                  for k in ("opt", "sar", "opt_valid", "sar_valid", "gt", "sar0", "sar0_valid")}
             flow, cert = model(t["opt"], t["sar"], t["opt_valid"], t["sar_valid"])
             flow0, _ = model(t["opt"], t["sar0"], t["opt_valid"], t["sar0_valid"])
-            exp, cmask = train._consistency_target(flow0.float(), t["gt"], t["opt_valid"])
-            defined = (cmask * train.gt_mask(t["gt"], t["opt_valid"], t["sar_valid"])) > 0
-            right = train.certainty_target(flow.float(), exp, defined.float()) > 0
+            match = train.gt_mask(t["gt"], t["opt_valid"], t["sar_valid"])
+            right, defined = train.consistency_certainty_target(flow0.float(), flow.float(), t["gt"],
+                                                                t["opt_valid"], match)
+            right, defined = right > 0, defined > 0
             cs.append(cert[defined].numpy())
             ls.append(right[defined].numpy())
     return np.concatenate(cs), np.concatenate(ls)

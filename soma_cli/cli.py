@@ -338,8 +338,7 @@ def train_cmd(
 
     if crop % 32:
         raise ConfigError("--crop must be a multiple of 32")
-    if only not in ("", "certainty"):
-        raise ConfigError(f"unknown --only {only!r}; expected certainty")
+    tr.check_only(only)
     out.mkdir(parents=True, exist_ok=True)
     if data.is_file() and data.suffix == ".npz":
         cache_path = data

@@ -471,11 +471,13 @@ def certainty_target(flow: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) 
 
 
 def consistency_certainty_target(flow0: torch.Tensor, flow: torch.Tensor, gt: torch.Tensor,
-                                 opt_valid: torch.Tensor, sar_valid: torch.Tensor) -> torch.Tensor:
-    """1 where the flow on the deformed pair is within 1 px of the undeformed pair's flow followed by
-    the deformation (a valid match in both), else 0."""
+                                 opt_valid: torch.Tensor, match: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(target, defined): the target is 1 where the flow on the deformed pair is within 1 px of the
+    undeformed pair's flow followed by the deformation, else 0; ``defined`` is where that comparison
+    exists (:func:`_consistency_target`'s mask times ``match``, the caller's :func:`gt_mask`)."""
     expected, cmask = _consistency_target(flow0, gt, opt_valid)
-    return certainty_target(flow, expected, cmask * gt_mask(gt, opt_valid, sar_valid))
+    defined = cmask * match
+    return certainty_target(flow, expected, defined), defined
 
 
 def certainty_params(model: netmod.SomaNet) -> List[torch.nn.Parameter]:
@@ -515,7 +517,7 @@ def validate(model: torch.nn.Module, chips: List[Dict[str, np.ndarray]], device:
         flow, cert = model(t["opt"], t["sar"], t["opt_valid"], t["sar_valid"])
         flow0, _ = model(t["opt"], t["sar0"], t["opt_valid"], t["sar0_valid"])
         m = gt_mask(t["gt"], t["opt_valid"], t["sar_valid"])
-        tgt = consistency_certainty_target(flow0.float(), flow.float(), t["gt"], t["opt_valid"], t["sar_valid"])
+        tgt, _ = consistency_certainty_target(flow0.float(), flow.float(), t["gt"], t["opt_valid"], m)
         c = cert.float().clamp(1e-6, 1.0 - 1e-6)
         ov = t["opt_valid"]
         bce_sum += float((-(tgt * c.log() + (1.0 - tgt) * (1.0 - c).log()) * ov).sum())
@@ -537,9 +539,8 @@ def validate(model: torch.nn.Module, chips: List[Dict[str, np.ndarray]], device:
            "cmr1": float((r < 1.0).mean()) if r.size else float("nan"),
            "median_rmse": float(np.median(r)) if r.size else float("nan"), "n": int(r.size),
            # the certainty against "within 1 px of the self-consistent flow" (consistency_certainty_target):
-           # binary cross-entropy (0.693 for a
-           # constant 0.5), the share of valid pixels above 0.5, and how often those (and the others)
-           # are within 1 px
+           # binary cross-entropy (0.693 for a constant 0.5), the share of valid pixels above 0.5, and
+           # how often those (and the others) are within 1 px
            "cert_bce": bce_sum / max(n_px, 1.0),
            "cert_coverage": float(hits[1].sum() / max(hits.sum(), 1.0)),
            "cert_precision": float(hits[1, 1] / hits[1].sum()) if hits[1].sum() > 0 else float("nan"),
@@ -613,14 +614,18 @@ def _better(val: dict, best: float, best_rmse: float, only: str = "") -> bool:
     return not (rmse > best_rmse)
 
 
+def check_only(only: str) -> None:
+    """``FitConfig.only`` / ``soma train --only``: empty (train everything) or ``certainty``."""
+    if only not in ("", "certainty"):
+        raise ConfigError(f"unknown --only {only!r}; expected certainty")
+
 
 def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Progress] = None) -> dict:
     """Train (or resume) into ``out_dir``: ``ckpt.pt`` (resumable), ``model.pt`` (latest weights),
     ``best.pt`` (best validation CMR@1px, ties broken by median RMSE), ``log.jsonl``.  With
     ``cfg.init`` and no ``ckpt.pt`` yet, the model starts from that checkpoint's weights (fine-tuning:
     fresh optimizer and schedule); an existing ``ckpt.pt`` is resumed instead. Returns the final summary."""
-    if cfg.only not in ("", "certainty"):
-        raise ConfigError(f"unknown --only {cfg.only!r}; expected certainty")
+    check_only(cfg.only)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads > 0:
@@ -715,7 +720,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
         if cfg.only == "certainty":
             with torch.no_grad():
                 flow0 = model.run(b["opt"], b["sar0"], b["opt_valid"], b["sar0_valid"])["flow"]
-            tgt = consistency_certainty_target(flow0, out["flow"], b["gt"], b["opt_valid"], b["sar_valid"])
+            tgt, _ = consistency_certainty_target(flow0, out["flow"], b["gt"], b["opt_valid"], mask)
             loss = _masked_mean(F.binary_cross_entropy_with_logits(out["logit"].float(), tgt.float(),
                                                                    reduction="none"), b["opt_valid"])
             parts = {"cert": float(loss.detach())}

@@ -118,19 +118,26 @@ def test_prepare_fit_resume_export(tmp_path):
         train.export(out / "model.pt", w)
 
 
-def test_fit_init_starts_from_checkpoint_weights(tmp_path):
-    """``FitConfig.init``: the fit starts from a checkpoint's weights (not a fresh model) with a fresh
-    optimizer and step counter; an existing ckpt.pt in the run folder is resumed instead."""
-    rng = np.random.default_rng(1)
+def _tiny_cache(tmp_path, seed: int, size: int):
+    """A two-image training cache (smooth noise, SAR = optical, all valid; the first image also the
+    validation pair), written as ``tmp_path/c.npz``."""
     from scipy import ndimage
 
-    base = ndimage.gaussian_filter(rng.standard_normal((2, 96, 96)), (0, 2, 2))
+    rng = np.random.default_rng(seed)
+    base = ndimage.gaussian_filter(rng.standard_normal((2, size, size)), (0, 2, 2))
     img = ((base - base.min()) / (base.max() - base.min()) * 250).astype(np.uint8)
-    valid = np.packbits(np.ones((2, 96, 96), bool), axis=-1)
+    valid = np.packbits(np.ones((2, size, size), bool), axis=-1)
     cache = tmp_path / "c.npz"
     np.savez_compressed(cache, train_opt=img, train_sar=img, train_valid=valid, val_opt=img[:1],
                         val_sar=img[:1], val_valid=valid[:1],
                         meta=np.frombuffer(json.dumps({"val_names": ["v"]}).encode(), np.uint8))
+    return cache
+
+
+def test_fit_init_starts_from_checkpoint_weights(tmp_path):
+    """``FitConfig.init``: the fit starts from a checkpoint's weights (not a fresh model) with a fresh
+    optimizer and step counter; an existing ckpt.pt in the run folder is resumed instead."""
+    cache = _tiny_cache(tmp_path, seed=1, size=96)
     # a "pretrained" checkpoint whose weights are all distinctive
     src = train.netmod.build()
     with torch.no_grad():
@@ -167,16 +174,7 @@ def test_fit_only_certainty_changes_nothing_but_the_certainty_row(tmp_path):
     """``only="certainty"``: every parameter but the certainty row of the final head's last
     convolution stays bit-identical (the flow rows of that convolution included), that row moves,
     the flow of the trained model is unchanged, and its certainty is no longer the untrained 0.5."""
-    rng = np.random.default_rng(2)
-    from scipy import ndimage
-
-    base = ndimage.gaussian_filter(rng.standard_normal((2, 128, 128)), (0, 2, 2))
-    img = ((base - base.min()) / (base.max() - base.min()) * 250).astype(np.uint8)
-    valid = np.packbits(np.ones((2, 128, 128), bool), axis=-1)
-    cache = tmp_path / "c.npz"
-    np.savez_compressed(cache, train_opt=img, train_sar=img, train_valid=valid, val_opt=img[:1],
-                        val_sar=img[:1], val_valid=valid[:1],
-                        meta=np.frombuffer(json.dumps({"val_names": ["v"]}).encode(), np.uint8))
+    cache = _tiny_cache(tmp_path, seed=2, size=128)
     torch.manual_seed(0)
     src = train.netmod.build()
     torch.save({"model": src.state_dict(), "step": 0}, tmp_path / "pre.pt")
@@ -192,6 +190,7 @@ def test_fit_only_certainty_changes_nothing_but_the_certainty_row(tmp_path):
         assert torch.equal(got[n][:2], ref[n][:2]) and not torch.equal(got[n][2], ref[n][2])
     trained = train.load_model_checkpoint(tmp_path / "run" / "model.pt")
     src.eval()
+    img = np.load(cache)["train_opt"]
     x = torch.from_numpy(img[:1, :96, :96].astype(np.float32) / 100.0)[None]
     with torch.no_grad():
         f0, c0 = src(x, x)

@@ -30,12 +30,12 @@ Structure (version 4, "structure first"):
   refinement at strides 8, 4 and 2 (iterated :attr:`SomaNet.n_aff8`, ``n_aff4`` and ``n_aff2``
   times): window correlation of the warped descriptors (zero-normalised over each window,
   :func:`window_zncc`), sub-pixel peaks (equiangular fit, :func:`equiangular`, as correlations of
-  pooled cells peak like cones), confidence-weighted IRLS affine fit (at 1/2 from every second
-  window, :attr:`SomaNet.aff_step2`), composed as ``compose_affine(current, update)``; (3) dense
-  flow at strides 4, 2 and full resolution: window correlation -> sub-pixel peak,
-  confidence-weighted smoothing (at full resolution from every fourth position,
-  :attr:`SomaNet.dense_step1`, then interpolated), and a small head that adds a flow correction and
-  the certainty logit; flows are rescaled when upsampled.
+  pooled cells peak like cones), confidence-weighted IRLS affine fit (at 1/2 optionally from every
+  :attr:`SomaNet.aff_step2`-th window; 1, every window, as shipped), composed as
+  ``compose_affine(current, update)``; (3) dense flow at strides 4, 2 and full resolution: window
+  correlation -> sub-pixel peak, confidence-weighted smoothing (at full resolution from every
+  fourth position, :attr:`SomaNet.dense_step1`, then interpolated), and a small head that adds a
+  flow correction and the certainty logit; flows are rescaled when upsampled.
 
 At initialisation the learnt channels are small and the descriptor is a CFOG-like oriented-gradient
 descriptor, so the untrained network already matches like a structural-gradient matcher; training
@@ -266,8 +266,9 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 
     as :func:`local_corr`); each window's mean descriptor is removed before the correlation, as in
     the window ZNCC of CFOG-like matchers, so a texture common to the whole window (speckle, a
     dominant orientation) does not lift every shift alike.  Values are in ``[-1, 1]``; a window
-    without variance scores 0, a shift whose window centre ``q + d`` lies outside the image -1.  With ``step`` > 1 only the window centres ``q`` of
-    :func:`coords.subsample` are scored (the same values, for less work where wide windows overlap).
+    without variance scores 0, a shift whose window centre ``q + d`` lies outside the image -1.
+    With ``step`` > 1 only the window centres ``q`` of :func:`coords.subsample` are scored (the
+    same values, for less work where wide windows overlap).
 
     Computed from box filters: ``sum(f1 f2) - <mean f1, mean f2>`` over the window, divided by the
     square root of both windows' variances (shifted to ``q + d`` for ``f2``)."""
