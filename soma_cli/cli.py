@@ -328,7 +328,7 @@ def train_cmd(
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (model.pt/best.pt/ckpt.pt; fresh optimizer and schedule).")] = None,
     consistency: Annotated[float, typer.Option("--consistency", min=0, help="Weight of the self-consistency loss (0: off).")] = 1.0,
     absolute: Annotated[float, typer.Option("--absolute", min=0, help="Weight of the losses against the synthetic deformation.")] = 0.3,
-    only: Annotated[str, typer.Option("--only", help="certainty: train only the final certainty readout (with --init; the flow stays exactly as it is).")] = "",
+    only: Annotated[str, typer.Option("--only", help="certainty: train only the certainty calibration (4 numbers; with --init; the flow stays exactly as it is).")] = "",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing cache.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import coords
 from . import synth
 from .infer import resolve_device
-from .errors import ConfigError, DataError, OutputError
+from .errors import ConfigError, DataError, OutputError, WeightsError
 from .model import net as netmod
 from .model import preprocess
 
@@ -481,21 +481,16 @@ def consistency_certainty_target(flow0: torch.Tensor, flow: torch.Tensor, gt: to
 
 
 def certainty_params(model: netmod.SomaNet) -> List[torch.nn.Parameter]:
-    """Freeze the network except the certainty row (output channel 2) of the final dense head's last
-    convolution, whose flow rows (0, 1) get their gradients zeroed: the flow, and every other output,
-    stay exactly as they are.  Returns the trainable parameters (weight, bias)."""
+    """Freeze the network except its certainty calibration (:attr:`SomaNet.cert_w`, 4 numbers): the
+    flow, and every other output, stay exactly as they are.  Returns the trainable parameters.
+
+    (Before 0.7.0 this trained the certainty row of the final head's last convolution, a readout
+    of 16 learnt features; it learnt a constant, see the model card.  The calibration reads the
+    dense stages' consensus supports, which rank right and wrong pixels well.)"""
     for p in model.parameters():
         p.requires_grad_(False)
-    last = model.head1.net[-1]
-    keep = torch.zeros(3, device=last.bias.device)
-    keep[2] = 1.0
-    out = []
-    for p in (last.weight, last.bias):
-        p.requires_grad_(True)
-        shape = [3] + [1] * (p.dim() - 1)
-        p.register_hook(lambda g, k=keep.view(shape): g * k)
-        out.append(p)
-    return out
+    model.cert_w.requires_grad_(True)
+    return [model.cert_w]
 
 
 @torch.no_grad()
@@ -577,7 +572,7 @@ class FitConfig:
     init: str = ""  # start from this checkpoint's model weights (fresh optimizer and schedule)
     consistency: float = 1.0  # weight of the self-consistency loss (0: off, one forward pass per step)
     absolute: float = 0.3  # weight of the losses against the synthetic deformation
-    only: str = ""  # "certainty": train only the final certainty readout (the flow stays exactly as it is)
+    only: str = ""  # "certainty": train only the certainty calibration (the flow stays exactly as it is)
 
 
 def _lr_at(frac: float, cfg: FitConfig) -> float:
@@ -650,14 +645,18 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
     ckpt_path = out_dir / "ckpt.pt"
     if ckpt_path.is_file():  # resume (takes precedence over cfg.init)
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        netmod.load_state(model, ck["model"])
+        try:
+            opt.load_state_dict(ck["optimizer"])
+        except ValueError:
+            raise WeightsError(f"{ckpt_path}: written by an older SOMA whose parameters differ; "
+                               "start a new run folder with --init instead of resuming") from None
         step, elapsed_before, best = int(ck["step"]), float(ck["elapsed"]), float(ck.get("best", -1.0))
         best_rmse = float(ck.get("best_rmse", math.inf))
         history = list(ck.get("history", []))
         torch.set_rng_state(ck["torch_rng"])
     elif cfg.init:
-        model.load_state_dict(load_model_checkpoint(Path(cfg.init)).state_dict())
+        netmod.load_state(model, load_model_checkpoint(Path(cfg.init)).state_dict())
         model.to(device)
     budget_s = cfg.time_budget_min * 60.0
     total_s = elapsed_before + budget_s if budget_s > 0 else 0.0
@@ -769,15 +768,13 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
 
 def load_model_checkpoint(path: Path) -> torch.nn.Module:
     """Eager model from ``model.pt``/``best.pt``/``ckpt.pt`` written by :func:`fit`."""
-    from .errors import WeightsError
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: checkpoint not found")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         model = netmod.build()
-        model.load_state_dict(ck["model"])
+        netmod.load_state(model, ck["model"])
     except Exception as exc:
         raise WeightsError(f"{path}: not a SOMA training checkpoint ({type(exc).__name__}: {exc})") from None
     model.eval()

@@ -54,6 +54,9 @@ from torch import nn
 from .. import coords
 
 TILE_MULTIPLE = 32
+# the certainty calibration's supports are scaled by this before their weights (SomaNet.cert_w), so
+# that the fitted weights are O(1) and Adam reaches them in a few hundred steps
+CERT_GAIN = 10.0
 ANGLES_DEG = [0.0, 22.5, 45.0, 67.5, 90.0, 112.5, 135.0, 157.5]
 
 
@@ -448,6 +451,14 @@ class SomaNet(nn.Module):
         self.head4 = DenseHead(6, 16)
         self.head2 = DenseHead(7, 16)
         self.head1 = DenseHead(7, 16)
+        # certainty calibration: the final logit adds CERT_GAIN * (w0 s4 + w1 s2 + w2 s1) + w3, where
+        # sN is the consensus support of the dense stage at 1/N (the confidence-weighted share of
+        # agreeing peaks around a pixel, :meth:`dense_input`), upsampled to full resolution.  Zero
+        # (the initialisation) leaves the heads' logit alone; ``soma train --only certainty`` fits it
+        # to "within 1 px of the self-consistent flow".  The supports are detached: the certainty
+        # reads the matching, it does not shape it.
+        self.cert_w = nn.Parameter(torch.zeros(4))
+        self.cert_gain = CERT_GAIN
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -650,20 +661,28 @@ class SomaNet(nn.Module):
         w4 = mo[2].shape[-1]
         fl4 = coords.affine_to_flow(coords.scale_affine(a_rel, 4.0), h4, w4)
         x, base = self.dense_input(mo[2], msw[2], vl[2], fl4, self.r4, self.aggd4, self.smooth4, 3, None, self.cone_fit)
+        sup4 = F.interpolate(x[:, 5:6].detach(), scale_factor=4.0, mode="bilinear", align_corners=False)
         fl4, lg4 = self.dense_output(self.head4(x), base, None)
         out["flow4"] = coords.affine_after_flow(coords.scale_affine(a_g, 4.0), fl4)
         out["logit4"] = lg4
         lg2 = F.interpolate(lg4, scale_factor=2.0, mode="bilinear", align_corners=False)
         x, base = self.dense_input(mo[1], msw[1], vl[1], coords.upsample_flow(fl4, 2), self.r2, self.aggd2, self.smooth2, 4, lg2, self.cone_fit, self.dense_step2)
+        sup2 = F.interpolate(x[:, 5:6].detach(), scale_factor=2.0, mode="bilinear", align_corners=False)
         fl2, lg2 = self.dense_output(self.head2(x), base, lg2)
         out["flow2"] = coords.affine_after_flow(coords.scale_affine(a_g, 2.0), fl2)
         out["logit2"] = lg2
         lg1 = F.interpolate(lg2, scale_factor=2.0, mode="bilinear", align_corners=False)
         x, base = self.dense_input(mo[0], msw[0], vl[0], coords.upsample_flow(fl2, 2), self.r1, self.aggd1, self.smooth1, 5, lg1, False, self.dense_step1)
+        sup1 = x[:, 5:6].detach()
         fl1, lg1 = self.dense_output(self.head1(x), base, lg1)
         out["flow"] = coords.affine_after_flow(a_g, fl1)
-        out["logit"] = lg1
+        out["logit"] = lg1 + self.certainty_calibration(sup4, sup2, sup1)
         return out
+
+    def certainty_calibration(self, sup4: torch.Tensor, sup2: torch.Tensor, sup1: torch.Tensor) -> torch.Tensor:
+        """The calibration term of the final certainty logit (see :attr:`cert_w`), ``(B, 1, H, W)``."""
+        w = self.cert_w
+        return self.cert_gain * (w[0] * sup4 + w[1] * sup2 + w[2] * sup1) + w[3]
 
     def forward(self, opt: torch.Tensor, sar: torch.Tensor, opt_valid: Optional[torch.Tensor] = None,
                 sar_valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -684,6 +703,15 @@ class SomaNet(nn.Module):
 def build(config: Optional[Dict[str, int]] = None) -> SomaNet:
     """The default architecture (``config`` is reserved for recorded hyper-parameters)."""
     return SomaNet()
+
+
+def load_state(model: SomaNet, state: Dict[str, torch.Tensor]) -> None:
+    """``model.load_state_dict(state)``, strict, except that a state without :attr:`SomaNet.cert_w`
+    (written before 0.7.0) gets the zero calibration, which leaves its certainty as it was."""
+    state = dict(state)
+    if "cert_w" not in state:
+        state["cert_w"] = torch.zeros_like(model.cert_w)
+    model.load_state_dict(state)
 
 
 def n_params(model: nn.Module) -> int:
