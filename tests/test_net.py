@@ -236,6 +236,14 @@ def _export(model, path):
 
 
 def test_export_loads_in_fresh_process(model, tmp_path):
+    """The TorchScript file matches the eager model in a fresh process, with a trained certainty
+    calibration, so that the global-local blend is part of what is compared."""
+    import copy
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.cert_w.copy_(torch.tensor([1.0, 2.0, 1.5, -1.0]))
+    assert model.blend_active()
     w = tmp_path / "soma-test.pt"
     _export(model, w)
     g = torch.Generator().manual_seed(2)
@@ -257,6 +265,27 @@ def test_export_loads_in_fresh_process(model, tmp_path):
     got = torch.load(tmp_path / "out.pt")
     assert torch.allclose(got["f"], ref, atol=1e-4)
     assert torch.allclose(got["c"], rc, atol=1e-5)
+
+
+def test_affine_blend_keeps_certain_flow_and_fills_the_rest_with_its_affine(model):
+    """``affine_blend``: where the certainty is 1 the flow is kept; where it is 0 the output is the
+    robust certainty-weighted affine of the flow, so a local blunder under zero certainty is
+    replaced by the surrounding affine to well under 0.01 px; in between it is the convex mix."""
+    h = w = 128
+    a = torch.tensor([[[math.cos(0.1), -math.sin(0.1), 3.0], [math.sin(0.1), math.cos(0.1), -2.5]]])
+    aff = coords.affine_to_flow(a, h, w)
+    flow = aff.clone()
+    flow[:, :, 40:60, 40:60] += torch.tensor([7.0, -4.0]).view(1, 2, 1, 1)  # a blunder
+    cert = torch.ones(1, 1, h, w)
+    cert[:, :, 40:60, 40:60] = 0.0
+    flow[:, :, 100:110, 100:110] += 0.8  # a small local deviation, a quarter certain
+    cert[:, :, 100:110, 100:110] = 0.25
+    out = model.affine_blend(flow, cert)
+    assert torch.equal(out[:, :, :40], flow[:, :, :40])
+    assert (out[:, :, 40:60, 40:60] - aff[:, :, 40:60, 40:60]).abs().max() < 0.01
+    assert torch.allclose(out[:, :, 100:110, 100:110], aff[:, :, 100:110, 100:110] + 0.2, atol=0.01)
+    # an untrained calibration (cert_w = 0, certainty 0.5) leaves the blend off
+    assert not net.build().blend_active()
 
 
 def test_weights_errors(model, tmp_path):

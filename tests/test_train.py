@@ -172,8 +172,8 @@ def test_fit_init_starts_from_checkpoint_weights(tmp_path):
 
 def test_fit_only_certainty_changes_nothing_but_the_calibration(tmp_path):
     """``only="certainty"``: every parameter but the certainty calibration ``cert_w`` stays
-    bit-identical, ``cert_w`` moves, the flow of the trained model is unchanged, and its certainty
-    is no longer the untrained 0.5 and varies with the matching support."""
+    bit-identical, ``cert_w`` moves, the network's flow before the global-local blend is unchanged,
+    and its certainty is no longer the untrained 0.5."""
     cache = _tiny_cache(tmp_path, seed=2, size=128)
     torch.manual_seed(0)
     src = train.netmod.build()
@@ -195,8 +195,10 @@ def test_fit_only_certainty_changes_nothing_but_the_calibration(tmp_path):
     with torch.no_grad():
         f0, c0 = src(x, x)
         f1, c1 = trained(x, x)
-    assert torch.equal(f0, f1)
+        assert torch.equal(src.run(x, x)["flow"], trained.run(x, x)["flow"])
     assert (c0 - 0.5).abs().max() < 0.01 and (c1 - 0.5).abs().max() > 0.05
+    assert trained.blend_active() and not src.blend_active()
+    assert not torch.equal(f0, f1)  # the blend now acts on the output
     with pytest.raises(ConfigError):
         train.fit(cache, tmp_path / "run2", train.FitConfig(**{**cfg.__dict__, "only": "heads"}))
 

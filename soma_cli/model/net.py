@@ -459,6 +459,16 @@ class SomaNet(nn.Module):
         # reads the matching, it does not shape it.
         self.cert_w = nn.Parameter(torch.zeros(4))
         self.cert_gain = CERT_GAIN
+        # GLAM's global-local blend (forward only): the output flow is ``c * flow + (1 - c) * A``, with
+        # ``c`` the certainty and ``A`` the certainty-weighted robust affine of the flow itself (fit
+        # on every blend_step-th pixel, Cauchy scale blend_k px): where the local match is unsure,
+        # the tile's affine takes over.  It needs a calibrated certainty (cert_w); with the untrained
+        # certainty of 0.5 it would halve every local deviation from the affine, so it is off until
+        # the calibration is trained (see :meth:`blend_active`).
+        self.blend = True  # False: return the unblended flow (benchmarks/blend_study.py --no-blend)
+        self.blend_step = 8
+        self.blend_k = 1.0
+        self.blend_iters = 6
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -697,7 +707,27 @@ class SomaNet(nn.Module):
         if sar_valid is not None:
             sv = coords.warp(sar_valid.to(cert.dtype), flow)
             cert = cert * (sv > 0.99).to(cert.dtype)
+        if self.blend_active():
+            flow = self.affine_blend(flow, cert)
         return flow, cert
+
+    def blend_active(self) -> bool:
+        """The global-local blend is on (:attr:`blend`) once the certainty calibration is trained."""
+        return self.blend and bool((self.cert_w != 0.0).any())
+
+    def affine_blend(self, flow: torch.Tensor, cert: torch.Tensor) -> torch.Tensor:
+        """``cert * flow + (1 - cert) * A`` where ``A`` is the flow of the certainty-weighted robust
+        (Cauchy IRLS) affine fit of ``flow`` on every :attr:`blend_step`-th pixel; ``flow``
+        ``(B, 2, H, W)`` pixels, ``cert`` ``(B, 1, H, W)`` in [0, 1]."""
+        b = flow.shape[0]
+        h = flow.shape[-2]
+        w = flow.shape[-1]
+        s = self.blend_step
+        pts = grid_points(b, h, w, flow.device, flow.dtype, s)
+        tgt = pts + coords.subsample(flow, s).flatten(2).transpose(1, 2)
+        a = irls_affine(pts, tgt, coords.subsample(cert, s).flatten(1), self.blend_k, self.blend_iters)
+        prior = coords.affine_to_flow(a, h, w)
+        return cert * flow + (1.0 - cert) * prior
 
 
 def build(config: Optional[Dict[str, int]] = None) -> SomaNet:
