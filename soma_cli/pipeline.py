@@ -23,7 +23,7 @@ from . import coords, tiling
 from .errors import ConfigError, MatchError, OutputError
 from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.write import atomic_raster, check_output, scratch_raster
-from .matchers import Matcher, get_matcher
+from .matchers import Matcher, get_matcher, trust_certainty
 from .model import preprocess
 from .stitch import FlowPrior, Strip, StripStitcher
 
@@ -49,7 +49,7 @@ class RegisterOptions:
     opt: Path
     out: Path
     reference: str = "opt"
-    method: str = "gradient"
+    method: str = "soma"
     mode: str = "dense"
     flow_out: Optional[Path] = None
     qa_out: Optional[Path] = None
@@ -303,7 +303,7 @@ class _Run:
             strip = Strip(a, data[:2], np.nan_to_num(data[2]), valid)
             if prior is not None:
                 before = strip.certainty
-                strip = prior.repair(strip, r0 + a, c0)
+                strip = prior.repair(strip, r0 + a, c0, trust_cert=trust_certainty(self.matcher))
                 self.repaired += int(np.count_nonzero(valid & (strip.certainty < before)))
             self.valid_px += int(np.count_nonzero(valid))
             self._observe(strip)

@@ -129,6 +129,36 @@ def test_low_certainty_outliers_are_repaired(tmp_path, repair):
         assert res.repaired_share == 0.0
 
 
+class MidCertaintyOutliers(OutlierOracle):
+    """The same block of wild vectors, but at certainty 0.7, with the matcher's own trust level."""
+
+    def __init__(self, trust):
+        if trust is not None:
+            self.trust_certainty = trust
+
+    def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        flow, cert = super().match(opt, sar, opt_valid, sar_valid)
+        cert[:, 100:180, 200:300] = 0.7
+        return flow, cert
+
+
+@pytest.mark.parametrize("trust", [None, 0.9])
+def test_repair_uses_the_matchers_trust_certainty(tmp_path, trust):
+    """A block 30 px off the scene prior at certainty 0.7 is kept under the default trust level
+    (0.5) and repaired by a matcher whose ``trust_certainty`` is 0.9 (the network's)."""
+    image = ramp(384, 384)
+    opt = write(tmp_path / "opt.tif", image)
+    flow = tmp_path / "flow.tif"
+    register(RegisterOptions(sar=write(tmp_path / "sar.tif", image), opt=opt, out=tmp_path / "o.tif", flow_out=flow,
+                             tile_size=384, overlap=0), matcher=MidCertaintyOutliers(trust))
+    with rasterio.open(flow) as f:
+        block = f.read(1, window=Window(200, 100, 100, 80))
+    if trust is None:
+        np.testing.assert_allclose(block, 30.0)
+    else:
+        assert np.abs(block - 2.25).max() < 0.05
+
+
 def test_reference_sar_inverts_the_field(tmp_path):
     h = w = 256
     shift = np.array([1.75, 0.5], np.float32)

@@ -12,6 +12,11 @@ The contract (RoMa-style: images in, warp and certainty out)::
     certainty         float32 (B, H, W) in [0, 1].
 
 Matchers are built by :func:`get_matcher` from a name (``gradient``, ``soma``, ``identity``, ...).
+
+A matcher may set ``trust_certainty`` (default :data:`TRUST_CERTAINTY`): the certainty below which
+``soma register``'s outlier repair replaces a pixel that deviates more than 5 px from the smooth
+scene prior (:meth:`soma_cli.stitch.FlowPrior.repair`).  It depends on what the matcher's
+certainty means: the network's (0.7.0) is calibrated as the probability of being within 1 px.
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ from __future__ import annotations
 from typing import Optional, Protocol, Tuple
 
 import numpy as np
+
+
+TRUST_CERTAINTY = 0.5
+
+
+def trust_certainty(matcher) -> float:
+    """The matcher's ``trust_certainty``, or :data:`TRUST_CERTAINTY`."""
+    return float(getattr(matcher, "trust_certainty", TRUST_CERTAINTY))
 
 
 class Matcher(Protocol):

@@ -13,6 +13,10 @@ class SomaMatcher:
     """Matcher contract of :mod:`soma_cli.matchers` backed by the shipped (or given) weights."""
 
     name = "soma"
+    # the certainty is calibrated (0.7.0: the probability of being within 1 px), so a pixel more
+    # than 5 px off the scene prior is only kept when it is 90 % sure; at the old 0.5 the whole-scene
+    # benchmark kept failed steep-terrain areas (model card, "What changed in 0.7.0")
+    trust_certainty = 0.9
 
     def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4):
         self.device = infer.resolve_device(device or "auto")
