@@ -2,8 +2,8 @@
 # Throughput of `soma batch` on the shared s1s2_calif data: N pairs (default 16) with 1 and with 2
 # local worker processes (one thread each); prints pairs per minute.
 #
-#   benchmarks/batch_bench.sh                 # 16 pairs, --method gradient (the default), workers 1 and 2
-#   METHOD=soma benchmarks/batch_bench.sh      # the network
+#   benchmarks/batch_bench.sh                 # 16 pairs, --method soma (the default), workers 1 and 2
+#   METHOD=gradient benchmarks/batch_bench.sh  # the training-free matcher
 #   N=4 METHOD=identity WORKERS="1 2" benchmarks/batch_bench.sh
 #
 # Env: DATA (default ../shared/data/s1s2_calif from the repo root), N, METHOD, WORKERS, SOMA
@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/s1s2_calif}
 N=${N:-16}
-METHOD=${METHOD:-gradient}
+METHOD=${METHOD:-soma}
 WORKERS=${WORKERS:-"1 2"}
 SOMA=${SOMA:-.venv/bin/soma}
 [ -f "$DATA/pairs.csv" ] || { echo "no dataset at $DATA" >&2; exit 2; }

@@ -349,7 +349,7 @@ def run_pair(job: dict) -> dict:
         for stale in (DONE, FAILED):
             (pair_dir / stale).unlink(missing_ok=True)
         _remove_temp_files(pair_dir)
-        method = str(opts.get("method", "gradient"))
+        method = str(opts.get("method", "soma"))
         matcher, cached, worker = _worker_matcher(method, opts.get("weights"), str(opts.get("device", "auto")))
         ropts = RegisterOptions(
             sar=Path(job["sar"]), opt=Path(job["opt"]), out=pair_dir / "aligned.tif",

@@ -110,7 +110,7 @@ def register(
     opt: Annotated[Path, typer.Argument(help="Optical GeoTIFF (1, 3, 4 or 13 bands; 8/16-bit or float).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: the moving image, aligned, on the reference grid.")],
     reference: Annotated[str, typer.Option(help="Which image is the reference grid: opt or sar.")] = "opt",
-    method: Annotated[str, typer.Option(help="Matcher: gradient (training-free, default), soma (the network) or identity.")] = "gradient",
+    method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient (training-free) or identity.")] = "soma",
     mode: Annotated[str, typer.Option(help="dense: resample with the dense field; affine: one global affine fit.")] = "dense",
     flow_out: Annotated[Optional[Path], typer.Option(help="Write the displacement raster (dx, dy, certainty).")] = None,
     qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
@@ -203,7 +203,7 @@ def batch_cmd(
         help="Pair glob files by this regex's group 'key' / group 1 / match in the file name "
              "(default: the file name without .tif).")] = None,
     reference: Annotated[str, typer.Option(help="Reference grid: opt or sar.")] = "opt",
-    method: Annotated[str, typer.Option(help="Matcher: gradient (default), soma (the network), identity, ...")] = "gradient",
+    method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient, identity, ...")] = "soma",
     mode: Annotated[str, typer.Option(help="dense or affine.")] = "dense",
     tile_size: Annotated[int, typer.Option(help="Tile size in pixels.")] = 512,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = 128,

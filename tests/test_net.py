@@ -342,7 +342,7 @@ def test_infer_runs_tiles_one_by_one_on_cpu():
 def test_identical_inputs_zero_flow_with_shipped_weights():
     """Identical optical and SAR inputs (smooth noise, unlike either modality) give ~zero flow.
 
-    With the shipped weights (weights/soma-0.6.0.pt) the measured median |flow| on this image is
+    With the shipped weights (weights/soma-0.7.0.pt, as with 0.6.0) the measured median |flow| on this image is
     0.026 px, and the largest component 0.047 px (seeds 4 and 5: 0.026-0.027 and 0.048-0.050). The
     bound 0.25 px leaves a margin and still fails on any half-pixel slip or a flow that runs away.
     """
