@@ -17,6 +17,7 @@ resolution.  It prints each feature's ROC AUC on the test samples, then logistic
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,10 @@ from scipy.optimize import minimize
 
 from soma_cli import train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from certainty_calibration import HEADS, auc  # noqa: E402
+
 NAMES = ["conf4", "sup4", "dev4", "conf2", "sup2", "dev2", "conf1", "sup1", "dev1"]
-HEADS = (("head4", 4), ("head2", 2), ("head1", 1))
 
 
 def collect(model, cache, seed: int, n: int):
@@ -58,15 +61,6 @@ def collect(model, cache, seed: int, n: int):
     for h in hooks:
         h.remove()
     return np.concatenate(xs), np.concatenate(ys)
-
-
-def auc(score: np.ndarray, label: np.ndarray) -> float:
-    from scipy.stats import rankdata
-
-    pos = label.sum()
-    neg = label.size - pos
-    r = rankdata(score)
-    return float((r[label].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
 
 
 def logistic(xa, ya, xb, yb):

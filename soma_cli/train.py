@@ -636,7 +636,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
 
     torch.manual_seed(cfg.seed)
     model = netmod.build().to(device)
-    if cfg.only == "certainty":  # no weight decay either: the frozen flow rows must not shrink
+    if cfg.only == "certainty":  # no weight decay: it would pull the calibration towards zero
         opt = torch.optim.AdamW(certainty_params(model), lr=cfg.lr, weight_decay=0.0)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -656,7 +656,7 @@ def fit(cache_path: Path, out_dir: Path, cfg: FitConfig, progress: Optional[Prog
         history = list(ck.get("history", []))
         torch.set_rng_state(ck["torch_rng"])
     elif cfg.init:
-        netmod.load_state(model, load_model_checkpoint(Path(cfg.init)).state_dict())
+        model.load_state_dict(load_model_checkpoint(Path(cfg.init)).state_dict())  # cert_w filled there
         model.to(device)
     budget_s = cfg.time_budget_min * 60.0
     total_s = elapsed_before + budget_s if budget_s > 0 else 0.0
