@@ -41,16 +41,18 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import coords, synth
 from . import atomic
 from .errors import ConfigError, DataError, OutputError
-from .io.dataset import PairEntry, list_pairs, read_pair
 from .matchers import Matcher, get_matcher
 from .model.preprocess import optical_to_gray, sar_to_log, select_bands, standardise
+
+if TYPE_CHECKING:
+    from .io.dataset import PairEntry
 
 PROTOCOL_CHOICES = ("geo", "paper", "both")
 CMR_THRESHOLDS = (1, 2, 3, 5)
@@ -188,6 +190,20 @@ class Sample:
     gt: np.ndarray  # (2, H, W) ground truth D on the optical grid
 
 
+def base_chip(pair: str, index: int, opt_gray: np.ndarray, opt_valid: np.ndarray, sar: np.ndarray,
+              sar_valid: np.ndarray) -> Optional[BaseChip]:
+    """Preprocess one chip window: the optical already grey (:func:`optical_to_gray`), the SAR as
+    read.  ``None`` when under :data:`MIN_VALID_SHARE` of the pixels are valid in both."""
+    ov = np.asarray(opt_valid, bool) & np.isfinite(opt_gray)
+    sv = np.asarray(sar_valid, bool) & np.isfinite(sar)
+    if (ov & sv).mean() < MIN_VALID_SHARE:
+        return None
+    slog = sar_to_log(sar, valid=sv)
+    slog = np.where(sv, slog, np.nan).astype(np.float32)
+    return BaseChip(pair=pair, index=index, opt=standardise(opt_gray, ov), opt_valid=ov,
+                    sar_log=slog, sar=standardise(slog, sv), sar_valid=sv)
+
+
 def base_chips(arrays, chip: int) -> Tuple[List[BaseChip], int]:
     """Cut a :class:`~soma_cli.io.dataset.PairArrays` into preprocessed :class:`BaseChip` s.
 
@@ -199,18 +215,11 @@ def base_chips(arrays, chip: int) -> Tuple[List[BaseChip], int]:
     skipped = 0
     for k, (r, c) in enumerate(chip_windows(h, w, chip)):
         win = (slice(r, r + chip), slice(c, c + chip))
-        ov = arrays.opt_valid[win] & np.isfinite(opt_gray[win])
-        sraw = arrays.sar[win]
-        sv = arrays.sar_valid[win] & np.isfinite(sraw)
-        if (ov & sv).mean() < MIN_VALID_SHARE:
+        bc = base_chip(arrays.name, k, opt_gray[win], arrays.opt_valid[win], arrays.sar[win], arrays.sar_valid[win])
+        if bc is None:
             skipped += 1
             continue
-        slog = sar_to_log(sraw, valid=sv)
-        slog = np.where(sv, slog, np.nan).astype(np.float32)
-        chips.append(BaseChip(
-            pair=arrays.name, index=k, opt=standardise(opt_gray[win], ov), opt_valid=ov,
-            sar_log=slog, sar=standardise(slog, sv), sar_valid=sv,
-        ))
+        chips.append(bc)
     return chips, skipped
 
 
@@ -309,6 +318,9 @@ def run(
     if int(batch) < 1:
         raise ConfigError(f"batch must be at least 1, got {batch}")
     chip, batch = int(chip), int(batch)
+    from .io.dataset import list_pairs, read_pair  # rasterio: imported here, so that the chip and
+    # metric functions above work where rasterio is absent (benchmarks/knob_sweep.py on a GPU machine)
+
     entries = list_pairs(Path(data_dir), [split] if split else None)
     if limit is not None:
         entries = entries[: int(limit)]

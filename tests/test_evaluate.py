@@ -331,3 +331,33 @@ def test_real_pair_identity_geo(shared_data):
     m = r["methods"]["identity"]
     assert r["chips"] == 4 and r["skipped"] == 0 and m["n"] == 4
     assert m["cmr1"] == 0.0 and 2.0 < m["rmse_median"] < 30.0
+
+
+def test_base_chip_matches_base_chips_and_rejects_mostly_invalid_windows(tmp_path):
+    """``base_chip`` (one window, as benchmarks/knob_sweep.py rebuilds chips on a GPU machine) gives
+    what ``base_chips`` gives for that window, and None under half valid."""
+    from soma_cli.model.preprocess import optical_to_gray, select_bands
+
+    data = make_dataset(tmp_path / "d", n=1, size=128)
+    arr = read_pair(list_pairs(data)[0])
+    chips, _ = ev.base_chips(arr, 64)
+    gray = optical_to_gray(select_bands(arr.opt))
+    win = (slice(0, 64), slice(64, 128))  # window 1 of the 2x2 grid
+    one = ev.base_chip(arr.name, 1, gray[win], arr.opt_valid[win], arr.sar[win], arr.sar_valid[win])
+    ref = chips[1]
+    assert one.index == ref.index == 1 and one.pair == ref.pair
+    for k in ("opt", "sar", "sar_log", "opt_valid", "sar_valid"):
+        assert np.array_equal(getattr(one, k), getattr(ref, k), equal_nan=True), k
+    sv = arr.sar_valid[win].copy()
+    sv[:, :40] = False  # 62.5 % invalid
+    assert ev.base_chip(arr.name, 1, gray[win], arr.opt_valid[win], arr.sar[win], sv) is None
+
+
+def test_chip_and_metric_code_imports_without_rasterio():
+    """The GPU machine has torch, numpy and scipy but no rasterio: evaluate's chip and metric
+    functions and train's must import there (rasterio is imported only where files are read)."""
+    code = ("import sys; sys.modules['rasterio'] = None\n"
+            "from soma_cli import evaluate, train\n"
+            "assert callable(evaluate.base_chip) and callable(train.relative_rmse)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
