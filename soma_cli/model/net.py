@@ -421,10 +421,8 @@ class SomaNet(nn.Module):
         self.cone_fit = True  # V-shaped sub-pixel peak fit at strides 8, 4, 2 (parabola at full resolution)
         self.n_candidates = 3  # global (rotation, translation) candidates verified by window support
         self.min_overlap = 0.3
-        # search radius (cells) of the affine refinements at 1/8, 1/4 and 1/2 and of the candidates'
-        # verification: +-4 cells (+-32 px at 1/8) since 0.8.0, chosen on the training tile with
-        # benchmarks/knob_sweep.py (3 -> 4: 124 -> 127 of 148 chips under 1 px; 2: 120; 5: 127)
-        self.r_aff = 4
+        # (search radius, aggregation window) per stage
+        self.r_aff = 3
         # affine refinement iterations at 1/8, 1/4 and 1/2, their window sizes (cells), and the
         # Cauchy scale of the fits' re-weighting (level pixels)
         self.n_aff8 = 3
