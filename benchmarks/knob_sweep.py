@@ -11,9 +11,13 @@ it once, afterwards, with ``soma evaluate`` (model card, "What changed in 0.8.0"
     #    from a `soma train` checkpoint copied beside the chips (that machine's older torch may
     #    not read a TorchScript file written by a newer one): cp runs/cert2/best.pt .devcache/sweep/cert2_best.pt
     PYTHONPATH=.:.devcache/pylib python3 benchmarks/knob_sweep.py search .devcache/sweep/chips.npz.xz --checkpoint .devcache/sweep/cert2_best.pt --out OUT --minutes 7 --batch 16
-    #    or a list of settings (benchmarks/knob_sweep_grid.json is the grid of 0.8.0), to OUT/grid.jsonl
+    #    or a list of settings, to OUT/grid.jsonl (benchmarks/knob_sweep_grid.json is the grid of the
+    #    model card's "Tried after 0.7.0"; the code then had one radius, r_aff, for 1/8, 1/4 and 1/2,
+    #    so the file sets r_aff8 too, and the logs in weights/logs/ say r_aff for both)
     PYTHONPATH=.:.devcache/pylib python3 benchmarks/knob_sweep.py grid .devcache/sweep/chips.npz.xz benchmarks/knob_sweep_grid.json --checkpoint .devcache/sweep/cert2_best.pt --out OUT --batch 16
-    # 3. score one setting anywhere (CPU: about 2 min a setting for the 74 chips)
+    # a second bench of the same pairs, the other two chips of each, to confirm a choice:
+    python benchmarks/knob_sweep.py pack ../shared/data/s1s2_calif --split T11SMT --other 1 --out .devcache/sweep2/chips.npz.xz
+    # 3. score one setting anywhere (CPU: about 8 min a setting for the 74 chips)
     python benchmarks/knob_sweep.py score .devcache/sweep/chips.npz.xz --set aggd2=41 --set shrink=0.05
 
 The chips and deformations are those of ``soma evaluate`` (``evaluate.base_chip``,
@@ -48,6 +52,7 @@ KNOBS: List[Tuple[str, list]] = [
     ("r_global", [12]),
     ("min_overlap", [0.2, 0.5]),
     ("temp_global", [0.5, 2.0]),
+    ("r_aff8", [3, 5]),
     ("r_aff", [2, 4]),
     ("agg8", [3, 7]),
     ("n_aff8", [2, 4]),
@@ -90,7 +95,7 @@ def pack(a) -> None:
         if not np.array_equal(opt3.astype(np.float32) / np.float32(3.0), gray):
             raise SystemExit(f"{entry.name}: the grey optical is not a mean of 8-bit bands")
         wins = E.chip_windows(*arr.sar.shape[-2:], CHIP)
-        pick = (0, 3) if i % 2 == 0 else (1, 2)
+        pick = (0, 3) if (i + a.other) % 2 == 0 else (1, 2)
         for k in pick:
             if k >= len(wins):
                 continue
@@ -360,6 +365,8 @@ def main() -> None:
     p.add_argument("--split", default="T11SMT")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--other", type=int, choices=(0, 1), default=0,
+                   help="1: the other two chips of every pair (a second bench, to confirm a choice)")
     for name in ("search", "score", "grid"):
         q = sub.add_parser(name)
         q.add_argument("chips")

@@ -421,7 +421,10 @@ class SomaNet(nn.Module):
         self.cone_fit = True  # V-shaped sub-pixel peak fit at strides 8, 4, 2 (parabola at full resolution)
         self.n_candidates = 3  # global (rotation, translation) candidates verified by window support
         self.min_overlap = 0.3
-        # (search radius, aggregation window) per stage
+        # search radius (cells) of the affine refinement at 1/8 and of the candidates' verification
+        # (r_aff8), and of the refinements at 1/4 and 1/2 (r_aff).  Wider searches were tried with
+        # benchmarks/knob_sweep.py and not kept (model card, "Tried after 0.7.0")
+        self.r_aff8 = 3
         self.r_aff = 3
         # affine refinement iterations at 1/8, 1/4 and 1/2, their window sizes (cells), and the
         # Cauchy scale of the fits' re-weighting (level pixels)
@@ -538,7 +541,7 @@ class SomaNet(nn.Module):
         fl = coords.affine_to_flow(a, h, w)
         vsw = (coords.warp(vs.repeat_interleave(nc, 0), fl) > 0.99).to(mo.dtype)
         mor = mo.repeat_interleave(nc, 0)
-        _, disp, conf, inside = self.match_local(mor, ms.repeat_interleave(nc, 0), fl, self.r_aff, self.agg8, 1, self.cone_fit)
+        _, disp, conf, inside = self.match_local(mor, ms.repeat_interleave(nc, 0), fl, self.r_aff8, self.agg8, 1, self.cone_fit)
         wt = conf * vo.repeat_interleave(nc, 0) * vsw * inside
         pts = grid_points(b * nc, h, w, mo.device, mo.dtype)
         tgt = pts + disp.flatten(2).transpose(1, 2)
@@ -560,13 +563,13 @@ class SomaNet(nn.Module):
         return corr, disp, conf, coords.subsample(coords.inside_mask(flow, mo.shape[-2], mo.shape[-1]), step)
 
     def refine_affine(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, a_full: torch.Tensor,
-                      stride: int, agg: int, temp: int, step: int = 1) -> torch.Tensor:
+                      stride: int, agg: int, temp: int, step: int = 1, r: int = 3) -> torch.Tensor:
         """One affine refinement at ``stride``, from the windows centred on every ``step``-th level
         position; returns the updated full-resolution affine."""
         b, c, h, w = mo.shape
         a_lvl = coords.scale_affine(a_full, float(stride))
         fl = coords.affine_to_flow(a_lvl, h, w).detach()
-        _, disp, conf, inside = self.match_local(mo, ms, fl, self.r_aff, agg, temp, self.cone_fit, step)
+        _, disp, conf, inside = self.match_local(mo, ms, fl, r, agg, temp, self.cone_fit, step)
         pts = grid_points(b, h, w, mo.device, mo.dtype, step)
         tgt = pts + disp.flatten(2).transpose(1, 2)
         upd = irls_affine(pts, tgt, (conf * coords.subsample(vo, step) * inside).flatten(1), self.aff_k, 3)
@@ -658,13 +661,13 @@ class SomaNet(nn.Module):
         # (2) affine refinement at stride 8, 4 and 2 (the 1/2 stage shares the 1/4 temperature)
         a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
         for _ in range(self.n_aff8):
-            a_rel = self.refine_affine(mo[3], msw[3], vl[3], a_rel, 8, self.agg8, 1)
+            a_rel = self.refine_affine(mo[3], msw[3], vl[3], a_rel, 8, self.agg8, 1, 1, self.r_aff8)
         out["affine8"] = coords.compose_affine(a_g, a_rel)
         for _ in range(self.n_aff4):
-            a_rel = self.refine_affine(mo[2], msw[2], vl[2], a_rel, 4, self.agg4, 2)
+            a_rel = self.refine_affine(mo[2], msw[2], vl[2], a_rel, 4, self.agg4, 2, 1, self.r_aff)
         out["affine4"] = coords.compose_affine(a_g, a_rel)
         for _ in range(self.n_aff2):
-            a_rel = self.refine_affine(mo[1], msw[1], vl[1], a_rel, 2, self.agg2, 2, self.aff_step2)
+            a_rel = self.refine_affine(mo[1], msw[1], vl[1], a_rel, 2, self.agg2, 2, self.aff_step2, self.r_aff)
         out["affine2"] = coords.compose_affine(a_g, a_rel)
         # (3) dense flow at stride 4, 2, then full resolution
         h4 = mo[2].shape[-2]
