@@ -17,7 +17,7 @@ it once, afterwards, with ``soma evaluate`` (model card, "What changed in 0.8.0"
     PYTHONPATH=.:.devcache/pylib python3 benchmarks/knob_sweep.py grid .devcache/sweep/chips.npz.xz benchmarks/knob_sweep_grid.json --checkpoint .devcache/sweep/cert2_best.pt --out OUT --batch 16
     # a second bench of the same pairs, the other two chips of each, to confirm a choice:
     python benchmarks/knob_sweep.py pack ../shared/data/s1s2_calif --split T11SMT --other 1 --out .devcache/sweep2/chips.npz.xz
-    # 3. score one setting anywhere (CPU: about 8 min a setting for the 74 chips)
+    # 3. score one setting anywhere (CPU: 8-10 min a setting for the 74 chips)
     python benchmarks/knob_sweep.py score .devcache/sweep/chips.npz.xz --set aggd2=41 --set shrink=0.05
 
 The chips and deformations are those of ``soma evaluate`` (``evaluate.base_chip``,
@@ -222,19 +222,21 @@ def load_model(weights: str, checkpoint: str = ""):
     return model.eval()
 
 
-def apply(model, settings: Dict[str, float], base_scale) -> None:
-    """Set ``settings`` on ``model`` (see :data:`KNOBS`), every other knob back to the network's
-    default; the temperatures are factors on ``base_scale``."""
+def snapshot(model) -> dict:
+    """The loaded model's knobs and correlation temperatures, which :func:`apply` starts from."""
+    return {"knobs": {k: getattr(model, k) for k, _ in KNOBS if not k.startswith("temp_")},
+            "log_scale": model.log_scale.detach().clone()}
+
+
+def apply(model, settings: Dict[str, float], base: dict) -> None:
+    """Set ``settings`` on ``model`` (see :data:`KNOBS`), every other knob back to ``base``
+    (:func:`snapshot`); the temperatures are factors on the base ones."""
     import torch
 
-    from soma_cli.model import net
-
-    default = net.SomaNet()
-    for k, _ in KNOBS:
-        if not k.startswith("temp_"):
-            setattr(model, k, getattr(default, k))
+    for k, v in base["knobs"].items():
+        setattr(model, k, v)
     with torch.no_grad():
-        model.log_scale.copy_(base_scale)
+        model.log_scale.copy_(base["log_scale"])
         for k, v in settings.items():
             if k == "temp_global":
                 model.log_scale[0] += math.log(v)
@@ -264,7 +266,15 @@ def _setup(a):
     bench = Bench(Path(a.chips), dev, a.batch, a.limit)
     print(f"device {dev} ({torch.cuda.get_device_name(0) if dev.type == 'cuda' else 'cpu'}), "
           f"{len(bench.names)} samples prepared in {time.time() - t0:.0f} s", flush=True)
-    return model, bench
+    return model, bench, snapshot(model)
+
+
+def trial(model, bench: Bench, base: dict, settings: Dict[str, float]) -> Tuple[dict, np.ndarray]:
+    """Score one setting: (summary with the settings and seconds, per-sample relative RMSE)."""
+    apply(model, settings, base)
+    t = time.time()
+    err = bench.errors(model)
+    return {**bench.summary(err), "settings": settings, "seconds": round(time.time() - t, 1)}, err
 
 
 def _parse_set(items) -> Dict[str, float]:
@@ -276,84 +286,73 @@ def _parse_set(items) -> Dict[str, float]:
 
 
 def score(a) -> None:
-    model, bench = _setup(a)
-    base_scale = model.log_scale.detach().clone()
-    settings = _parse_set(a.set)
-    apply(model, settings, base_scale)
-    t = time.time()
-    err = bench.errors(model)
-    s = bench.summary(err)
-    print(json.dumps({"settings": settings, **s, "seconds": round(time.time() - t, 1)}), flush=True)
+    model, bench, base = _setup(a)
+    s, err = trial(model, bench, base, _parse_set(a.set))
+    print(json.dumps(s), flush=True)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         np.savez(Path(a.out) / "score.npz", err=err, names=np.array(bench.names))
 
 
+def _log(log, s: dict) -> None:
+    log.write(json.dumps(s) + "\n")
+    log.flush()
+    print(json.dumps(s), flush=True)
+
+
 def search(a) -> None:
-    model, bench = _setup(a)
+    model, bench, base = _setup(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "sweep.jsonl", "a")
-    base_scale = model.log_scale.detach().clone()
     deadline = time.time() + 60.0 * a.minutes
     cur: Dict[str, float] = _parse_set(a.set)
     per_chip = {}
+    with open(out / "sweep.jsonl", "a") as log:
 
-    def run(settings: Dict[str, float], tag: str) -> dict:
-        apply(model, settings, base_scale)
-        t = time.time()
-        err = bench.errors(model)
-        s = {**bench.summary(err), "settings": settings, "tag": tag, "seconds": round(time.time() - t, 1)}
-        log.write(json.dumps(s) + "\n")
-        log.flush()
-        print(json.dumps(s), flush=True)
-        per_chip[json.dumps(settings, sort_keys=True)] = err
-        return s
+        def run(settings: Dict[str, float], tag: str) -> dict:
+            s, err = trial(model, bench, base, settings)
+            s["tag"] = tag
+            _log(log, s)
+            per_chip[json.dumps(settings, sort_keys=True)] = err
+            return s
 
-    base = run(dict(cur), "start")
-    best = base
-    for p in range(a.passes):
-        changed = False
-        for knob, values in KNOBS:
-            for v in values:
-                if time.time() > deadline:
-                    break
-                if cur.get(knob) == v:
-                    continue
-                trial = {**cur, knob: v}
-                s = run(trial, f"pass{p}:{knob}={v}")
-                if better(s, best):
-                    best, cur, changed = s, trial, True
-                    print(f"KEEP {knob}={v}: n1 {s['n1']} clip5 {s['clip5']:.3f}", flush=True)
-        if not changed or time.time() > deadline:
-            break
-    result = {"start": base, "best": best, "settings": cur, "knobs": KNOBS,
+        start = run(dict(cur), "start")
+        best = start
+        for p in range(a.passes):
+            changed = False
+            for knob, values in KNOBS:
+                for v in values:
+                    if time.time() > deadline:
+                        break
+                    if cur.get(knob) == v:
+                        continue
+                    candidate = {**cur, knob: v}
+                    s = run(candidate, f"pass{p}:{knob}={v}")
+                    if better(s, best):
+                        best, cur, changed = s, candidate, True
+                        print(f"KEEP {knob}={v}: n1 {s['n1']} clip5 {s['clip5']:.3f}", flush=True)
+            if not changed or time.time() > deadline:
+                break
+    result = {"start": start, "best": best, "settings": cur, "knobs": KNOBS,
               "rule": {"min_gain": MIN_GAIN, "min_clip_gain": MIN_CLIP_GAIN}}
     (out / "best.json").write_text(json.dumps(result, indent=1))
-    k0 = json.dumps(base["settings"], sort_keys=True)
+    k0 = json.dumps(start["settings"], sort_keys=True)
     k1 = json.dumps(cur, sort_keys=True)
     np.savez(out / "per_chip.npz", names=np.array(bench.names), start=per_chip[k0], best=per_chip[k1])
-    print("RESULT", json.dumps({"settings": cur, "start_n1": base["n1"], "best_n1": best["n1"],
-                                "start_clip5": base["clip5"], "best_clip5": best["clip5"]}), flush=True)
+    print("RESULT", json.dumps({"settings": cur, "start_n1": start["n1"], "best_n1": best["n1"],
+                                "start_clip5": start["clip5"], "best_clip5": best["clip5"]}), flush=True)
 
 
 def grid(a) -> None:
     """Score each setting of a JSON list (one object per setting), streaming to OUT/grid.jsonl."""
-    model, bench = _setup(a)
+    model, bench, base = _setup(a)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    base_scale = model.log_scale.detach().clone()
     errs = {}
     with open(out / "grid.jsonl", "a") as log:
         for i, settings in enumerate(json.loads(Path(a.settings).read_text())):
-            apply(model, settings, base_scale)
-            t = time.time()
-            err = bench.errors(model)
-            errs[f"s{i}"] = err
-            s = {**bench.summary(err), "settings": settings, "seconds": round(time.time() - t, 1)}
-            log.write(json.dumps(s) + "\n")
-            log.flush()
-            print(json.dumps(s), flush=True)
+            s, errs[f"s{i}"] = trial(model, bench, base, settings)
+            _log(log, s)
     np.savez(out / "grid_per_chip.npz", names=np.array(bench.names), **errs)
 
 

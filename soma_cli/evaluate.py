@@ -318,8 +318,9 @@ def run(
     if int(batch) < 1:
         raise ConfigError(f"batch must be at least 1, got {batch}")
     chip, batch = int(chip), int(batch)
-    from .io.dataset import list_pairs, read_pair  # rasterio: imported here, so that the chip and
-    # metric functions above work where rasterio is absent (benchmarks/knob_sweep.py on a GPU machine)
+    # rasterio is imported here, not at the top, so that the chip and metric functions above work
+    # where it is absent (benchmarks/knob_sweep.py on a GPU machine)
+    from .io.dataset import list_pairs, read_pair
 
     entries = list_pairs(Path(data_dir), [split] if split else None)
     if limit is not None:

@@ -563,9 +563,9 @@ class SomaNet(nn.Module):
         return corr, disp, conf, coords.subsample(coords.inside_mask(flow, mo.shape[-2], mo.shape[-1]), step)
 
     def refine_affine(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, a_full: torch.Tensor,
-                      stride: int, agg: int, temp: int, step: int = 1, r: int = 3) -> torch.Tensor:
-        """One affine refinement at ``stride``, from the windows centred on every ``step``-th level
-        position; returns the updated full-resolution affine."""
+                      stride: int, agg: int, temp: int, r: int, step: int = 1) -> torch.Tensor:
+        """One affine refinement at ``stride`` with search radius ``r`` (cells), from the windows
+        centred on every ``step``-th level position; returns the updated full-resolution affine."""
         b, c, h, w = mo.shape
         a_lvl = coords.scale_affine(a_full, float(stride))
         fl = coords.affine_to_flow(a_lvl, h, w).detach()
@@ -661,13 +661,13 @@ class SomaNet(nn.Module):
         # (2) affine refinement at stride 8, 4 and 2 (the 1/2 stage shares the 1/4 temperature)
         a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
         for _ in range(self.n_aff8):
-            a_rel = self.refine_affine(mo[3], msw[3], vl[3], a_rel, 8, self.agg8, 1, 1, self.r_aff8)
+            a_rel = self.refine_affine(mo[3], msw[3], vl[3], a_rel, 8, self.agg8, 1, self.r_aff8)
         out["affine8"] = coords.compose_affine(a_g, a_rel)
         for _ in range(self.n_aff4):
-            a_rel = self.refine_affine(mo[2], msw[2], vl[2], a_rel, 4, self.agg4, 2, 1, self.r_aff)
+            a_rel = self.refine_affine(mo[2], msw[2], vl[2], a_rel, 4, self.agg4, 2, self.r_aff)
         out["affine4"] = coords.compose_affine(a_g, a_rel)
         for _ in range(self.n_aff2):
-            a_rel = self.refine_affine(mo[1], msw[1], vl[1], a_rel, 2, self.agg2, 2, self.aff_step2, self.r_aff)
+            a_rel = self.refine_affine(mo[1], msw[1], vl[1], a_rel, 2, self.agg2, 2, self.r_aff, self.aff_step2)
         out["affine2"] = coords.compose_affine(a_g, a_rel)
         # (3) dense flow at stride 4, 2, then full resolution
         h4 = mo[2].shape[-2]
