@@ -184,6 +184,29 @@ def test_box_matches_pooling():
     assert torch.allclose(wide, x.mean((2, 3), keepdim=True).expand_as(x), atol=1e-9)
 
 
+def test_edge_support_counts_beyond_the_border_as_zero_weight():
+    """With ``edge``, the consensus support is the window *sum* of the weights over the full window
+    area (zero-padded pooling), so a window cut by the border has less support than a full one,
+    while the weighted mean is the same as without it; ``window_fraction`` is the share inside."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 30, 41, generator=g, dtype=torch.float64)
+    w = torch.rand(2, 1, 30, 41, generator=g, dtype=torch.float64)
+    for k in (5, 15, 61):
+        mean0, sup0 = net.norm_conv(x, w, k)
+        mean1, sup1 = net.norm_conv(x, w, k, edge=True)
+        assert torch.allclose(mean0, mean1)
+        padded = F.avg_pool2d(w, [1, k], 1, [0, k // 2], count_include_pad=True)
+        padded = F.avg_pool2d(padded, [k, 1], 1, [k // 2, 0], count_include_pad=True)
+        assert torch.allclose(sup1, padded, atol=1e-9), k
+        frac = net.window_fraction(30, 41, k, x.device, x.dtype)
+        assert torch.allclose(sup1, sup0 * frac)
+    frac = net.window_fraction(30, 41, 5, x.device, x.dtype)[0, 0]
+    assert frac[0, 0] == pytest.approx(9 / 25) and frac[15, 20] == 1.0 and frac[0, 20] == pytest.approx(3 / 5)
+    # uniform weights: the support falls towards the border and corners, and stays 1 inside
+    _, sup = net.norm_conv(x, torch.ones_like(w), 15, edge=True)
+    assert sup[0, 0, 15, 20] == pytest.approx(1.0) and sup[0, 0, 0, 0] < 0.3 and sup[0, 0, 0, 20] < 0.6
+
+
 def test_global_verification_prefers_the_supported_candidate():
     """Of several global candidates, verify keeps the one under which the two descriptor maps
     agree window by window (here the identity), whatever their order."""
@@ -342,7 +365,7 @@ def test_infer_runs_tiles_one_by_one_on_cpu():
 def test_identical_inputs_zero_flow_with_shipped_weights():
     """Identical optical and SAR inputs (smooth noise, unlike either modality) give ~zero flow.
 
-    With the shipped weights (weights/soma-0.7.0.pt, as with 0.6.0) the measured median |flow| on this image is
+    With the shipped weights (weights/soma-0.9.0.pt, as with 0.7.0 and 0.6.0) the measured median |flow| on this image is
     0.026 px, and the largest component 0.047 px (seeds 4 and 5: 0.026-0.027 and 0.048-0.050). The
     bound 0.25 px leaves a margin and still fails on any half-pixel slip or a flow that runs away.
     """

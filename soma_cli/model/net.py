@@ -374,10 +374,26 @@ def xcorr_shifts(a: torch.Tensor, b: torch.Tensor, r: int) -> torch.Tensor:
     return torch.cat([rows[:, :, ww - r:], rows[:, :, :r + 1]], 2)
 
 
-def norm_conv(x: torch.Tensor, w: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weighted window mean of ``x`` (weights ``w``) and the window mean of ``w``."""
+def window_fraction(h: int, w: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(1, 1, h, w)``: the share of each centred ``k x k`` window (odd ``k``) that lies inside an
+    ``h x w`` grid (1 in the interior, about 1/4 at a corner)."""
+    r = k // 2
+    i = torch.arange(h, device=device, dtype=dtype)
+    j = torch.arange(w, device=device, dtype=dtype)
+    fy = (torch.clamp(i + r, max=h - 1) - torch.clamp(i - r, min=0) + 1) / float(k)
+    fx = (torch.clamp(j + r, max=w - 1) - torch.clamp(j - r, min=0) + 1) / float(k)
+    return (fy.view(h, 1) * fx.view(1, w)).view(1, 1, h, w)
+
+
+def norm_conv(x: torch.Tensor, w: torch.Tensor, k: int, edge: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weighted window mean of ``x`` (weights ``w``) and the window mean of ``w``.  The mean is
+    over the part of the window inside the grid; so is the support, unless ``edge``, where the
+    outside counts as zero weight, as an invalid pixel inside does (:func:`window_fraction`)."""
     ws = box(w, k)
-    return box(x * w, k) / ws.clamp(min=1e-4), ws
+    mean = box(x * w, k) / ws.clamp(min=1e-4)
+    if edge:
+        ws = ws * window_fraction(w.shape[-2], w.shape[-1], k, w.device, w.dtype)
+    return mean, ws
 
 
 class DenseHead(nn.Module):
@@ -447,6 +463,11 @@ class SomaNet(nn.Module):
         self.smooth2 = 61
         self.smooth1 = 121
         self.shrink = 0.02
+        # the dense consensus's support counts the part of a window beyond the image as zero weight,
+        # like an invalid pixel inside it (:func:`norm_conv`), so that near the image border the
+        # support, and with it the certainty, falls as it does along a coverage edge and the
+        # global-local blend leans on the tile's affine (0.9.0; False is 0.7.0's network)
+        self.edge_support = True
         # the dense stages at 1/2 and full resolution match and vote at every dense_stepN-th position
         self.dense_step2 = 1
         self.dense_step1 = 4
@@ -590,10 +611,10 @@ class SomaNet(nn.Module):
         corr, disp, conf, inside = self.match_local(mo, ms, flow, r, agg, temp, cone, step)
         wt = conf * coords.subsample(vo, step) * inside
         k = (smooth // step) | 1
-        disp_s, sup = norm_conv(disp, wt, k)
+        disp_s, sup = norm_conv(disp, wt, k, self.edge_support)
         for _ in range(2):
             res2 = ((disp - disp_s) ** 2).sum(1, keepdim=True)
-            disp_s, sup = norm_conv(disp, wt / (1.0 + res2), k)
+            disp_s, sup = norm_conv(disp, wt / (1.0 + res2), k, self.edge_support)
         disp_s = disp_s * (sup / (sup + self.shrink))
         x = coords.densify(torch.cat([disp, disp_s, conf, sup], 1), step, h, w)
         if prev_logit is not None:
