@@ -72,6 +72,7 @@ KNOBS: List[Tuple[str, list]] = [
     ("aggd1", [41, 91]),
     ("smooth1", [61, 181]),
     ("shrink", [0.005, 0.05, 0.1]),
+    ("edge_support", [0]),  # 0: 0.7.0's consensus support at the image border
     ("border_margin", [4, 12]),
     ("blend_k", [0.5, 2.0, 4.0]),
 ]
