@@ -1,7 +1,8 @@
 """Greedy search of the SOMA network's matching settings (search radii, window sizes, iterations,
 temperatures, the blend's scale) on chips of the *training* tile, fast enough on a GPU to try some
 sixty settings in a few minutes.  The held-out tile is not touched: the setting found is scored on
-it once, afterwards, with ``soma evaluate`` (model card, "What changed in 0.8.0").
+it once, afterwards, with ``soma evaluate`` (model card, "Tried after 0.7.0" and "What changed in
+0.9.0").
 
     # 1. here (rasterio): two 512 px chips of every training pair, lzma-packed (about 30 MB)
     python benchmarks/knob_sweep.py pack ../shared/data/s1s2_calif --split T11SMT --out .devcache/sweep/chips.npz.xz

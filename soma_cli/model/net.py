@@ -173,6 +173,14 @@ def cell_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     return F.avg_pool2d(x, 2 * s, s, s // 2, count_include_pad=False)
 
 
+def window_counts(n: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``(n,)``: how many of the ``k`` positions (odd ``k``) of the window centred on each of ``n``
+    positions lie inside the axis."""
+    r = k // 2
+    i = torch.arange(n, device=device, dtype=dtype)
+    return torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1
+
+
 def box_1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     """Mean over ``k`` consecutive values (odd ``k``, centred) along ``dim`` (2 = rows, 3 = columns)
     of a ``(B, C, H, W)`` tensor, averaging only what lies inside, from a cumulative sum (cost
@@ -186,9 +194,7 @@ def box_1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     # window sum at i: c[min(i + r, n - 1)] - c[i - r - 1] (nothing to subtract for i <= r)
     s = torch.cat([c.narrow(dim, r, n - r), c.narrow(dim, n - 1, 1).expand_as(c.narrow(dim, 0, r))], dim)
     s.narrow(dim, r + 1, n - r - 1).sub_(c.narrow(dim, 0, n - r - 1))
-    i = torch.arange(n, device=x.device, dtype=x.dtype)
-    count = torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1
-    return s / count.view(shape)
+    return s / window_counts(n, k, x.device, x.dtype).view(shape)
 
 
 def box(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -377,11 +383,8 @@ def xcorr_shifts(a: torch.Tensor, b: torch.Tensor, r: int) -> torch.Tensor:
 def window_fraction(h: int, w: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``(1, 1, h, w)``: the share of each centred ``k x k`` window (odd ``k``) that lies inside an
     ``h x w`` grid (1 in the interior, about 1/4 at a corner)."""
-    r = k // 2
-    i = torch.arange(h, device=device, dtype=dtype)
-    j = torch.arange(w, device=device, dtype=dtype)
-    fy = (torch.clamp(i + r, max=h - 1) - torch.clamp(i - r, min=0) + 1) / float(k)
-    fx = (torch.clamp(j + r, max=w - 1) - torch.clamp(j - r, min=0) + 1) / float(k)
+    fy = window_counts(h, k, device, dtype) / float(k)
+    fx = window_counts(w, k, device, dtype) / float(k)
     return (fy.view(h, 1) * fx.view(1, w)).view(1, 1, h, w)
 
 
