@@ -428,3 +428,25 @@ def fit_affine(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     lin = lin_t.transpose(1, 2)
     trans = ct.squeeze(1) - torch.bmm(lin, cp.transpose(1, 2)).squeeze(-1)
     return torch.cat([lin, trans.unsqueeze(-1)], -1)
+
+
+def fit_similarity(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted least-squares similarity (rotation, isotropic scale, translation) from ``points
+    (B, N, 2)`` to ``targets (B, N, 2)``, as a ``(B, 2, 3)`` affine ``[[a, -b, tx], [b, a, ty]]``.
+
+    ``weights (B, N)`` >= 0.  The same centring and ridge towards the identity as :func:`fit_affine`,
+    with 4 parameters instead of 6: no shear and no anisotropic scale.
+    """
+    w = weights.clamp(min=0.0) + 1e-8
+    wsum = w.sum(1, keepdim=True)
+    cp = (points * w.unsqueeze(-1)).sum(1, keepdim=True) / wsum.unsqueeze(-1)
+    ct = (targets * w.unsqueeze(-1)).sum(1, keepdim=True) / wsum.unsqueeze(-1)
+    p = points - cp
+    t = targets - ct
+    ridge = 2e-3 * wsum.squeeze(1)
+    den = (w * (p ** 2).sum(-1)).sum(1) + ridge
+    a = ((w * (p * t).sum(-1)).sum(1) + ridge) / den
+    b = (w * (p[..., 0] * t[..., 1] - p[..., 1] * t[..., 0])).sum(1) / den
+    lin = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], 1)  # (B, 2, 2)
+    trans = ct.squeeze(1) - torch.bmm(lin, cp.transpose(1, 2)).squeeze(-1)
+    return torch.cat([lin, trans.unsqueeze(-1)], -1)

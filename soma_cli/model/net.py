@@ -313,12 +313,15 @@ def l2n(x: torch.Tensor) -> torch.Tensor:
     return x / (x * x).sum(1, keepdim=True).sqrt().clamp(min=1e-6)
 
 
-def irls_affine(pts: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, k: float, iters: int) -> torch.Tensor:
-    """Weighted affine fit (coords.fit_affine) with Cauchy IRLS re-weighting (scale ``k`` px)."""
-    a = coords.fit_affine(pts, tgt, w)
+def irls_affine(pts: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, k: float, iters: int,
+                similarity: bool = False) -> torch.Tensor:
+    """Weighted affine fit (coords.fit_affine, or with ``similarity`` coords.fit_similarity) with
+    Cauchy IRLS re-weighting (scale ``k`` px)."""
+    a = coords.fit_similarity(pts, tgt, w) if similarity else coords.fit_affine(pts, tgt, w)
     for _ in range(iters):
         res2 = ((coords.affine_points(a, pts) - tgt) ** 2).sum(-1)
-        a = coords.fit_affine(pts, tgt, w / (1.0 + res2 / (k * k)))
+        wr = w / (1.0 + res2 / (k * k))
+        a = coords.fit_similarity(pts, tgt, wr) if similarity else coords.fit_affine(pts, tgt, wr)
     return a
 
 
@@ -454,6 +457,9 @@ class SomaNet(nn.Module):
         self.agg4 = 9
         self.agg2 = 63
         self.aff_k = 1.0
+        # the 1/8 refinement and the candidates' verification fit a similarity (4 parameters) instead
+        # of a full affine; off in 0.9.0 (model card, "Tried after 0.9.0": scored on one bench only)
+        self.aff_similarity = False
         # the 1/2 affine fit uses every aff_step2-th window (63-cell windows overlap almost entirely)
         self.aff_step2 = 1
         self.r4 = 3
@@ -496,6 +502,7 @@ class SomaNet(nn.Module):
         self.blend_step = 8
         self.blend_k = 1.0
         self.blend_iters = 6
+        self.blend_similarity = False  # the blend's prior A is a similarity instead of a full affine
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -569,7 +576,7 @@ class SomaNet(nn.Module):
         wt = conf * vo.repeat_interleave(nc, 0) * vsw * inside
         pts = grid_points(b * nc, h, w, mo.device, mo.dtype)
         tgt = pts + disp.flatten(2).transpose(1, 2)
-        upd = irls_affine(pts, tgt, wt.flatten(1), self.aff_k, 3)
+        upd = irls_affine(pts, tgt, wt.flatten(1), self.aff_k, 3, self.aff_similarity)
         near = (((coords.affine_points(upd, pts) - tgt) ** 2).sum(-1) < 1.0).to(mo.dtype)
         support = (wt.flatten(1) * near).sum(1).view(b, nc)
         best = support.argmax(1)
@@ -596,7 +603,8 @@ class SomaNet(nn.Module):
         _, disp, conf, inside = self.match_local(mo, ms, fl, r, agg, temp, self.cone_fit, step)
         pts = grid_points(b, h, w, mo.device, mo.dtype, step)
         tgt = pts + disp.flatten(2).transpose(1, 2)
-        upd = irls_affine(pts, tgt, (conf * coords.subsample(vo, step) * inside).flatten(1), self.aff_k, 3)
+        upd = irls_affine(pts, tgt, (conf * coords.subsample(vo, step) * inside).flatten(1), self.aff_k, 3,
+                          self.aff_similarity and stride == 8)
         return coords.scale_affine(coords.compose_affine(a_lvl, upd), 1.0 / float(stride))
 
     def dense_input(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, flow: torch.Tensor,
@@ -752,7 +760,8 @@ class SomaNet(nn.Module):
         s = self.blend_step
         pts = grid_points(b, h, w, flow.device, flow.dtype, s)
         tgt = pts + coords.subsample(flow, s).flatten(2).transpose(1, 2)
-        a = irls_affine(pts, tgt, coords.subsample(cert, s).flatten(1), self.blend_k, self.blend_iters)
+        a = irls_affine(pts, tgt, coords.subsample(cert, s).flatten(1), self.blend_k, self.blend_iters,
+                        self.blend_similarity)
         prior = coords.affine_to_flow(a, h, w)
         return cert * flow + (1.0 - cert) * prior
 
