@@ -224,11 +224,15 @@ def test_global_verification_prefers_the_supported_candidate():
             assert torch.allclose(best[0], eye), order
 
 
-def test_untrained_net_recovers_rotation_and_shift():
+@pytest.mark.parametrize("rewarp", [False, True])
+def test_untrained_net_recovers_rotation_and_shift(rewarp):
     """The structure alone (CFOG-like initial descriptors, rotation hypotheses, sub-pixel peaks,
-    affine fits) recovers a rotated and shifted copy of a textured image to well under a pixel."""
+    affine fits) recovers a rotated and shifted copy of a textured image to well under a pixel;
+    so it does with the (switched-off) re-encoding at the refined 1/2 affine, whose composition
+    with the dense flow must keep the same convention."""
     torch.manual_seed(0)
     m = net.build().eval()
+    m.rewarp = rewarp
     from scipy import ndimage
 
     rng = np.random.default_rng(0)
@@ -309,6 +313,28 @@ def test_affine_blend_keeps_certain_flow_and_fills_the_rest_with_its_affine(mode
     assert torch.allclose(out[:, :, 100:110, 100:110], aff[:, :, 100:110, 100:110] + 0.2, atol=0.01)
     # an untrained calibration (cert_w = 0, certainty 0.5) leaves the blend off
     assert not net.build().blend_active()
+
+
+def test_affine_blend_local_prior_carries_a_local_field_into_an_uncertain_hole():
+    """``blend_local`` (off in the shipped network): a 2 px local offset seen around a hole of zero
+    certainty carries into the hole, where the plain blend puts the tile's affine (the offset's
+    region is a minority, so the robust affine ignores it); outside the hole, where the
+    certainty is 1, the flow is kept either way."""
+    m = net.build().eval()
+    h = w = 128
+    flow = torch.zeros(1, 2, h, w)
+    flow[:, 0, 30:98, 30:98] = 2.0  # the local field
+    cert = torch.ones(1, 1, h, w)
+    cert[:, :, 54:74, 54:74] = 0.0  # untextured: the flow there is noise
+    flow[:, :, 54:74, 54:74] = torch.tensor([-5.0, 3.0]).view(1, 2, 1, 1)
+    plain = m.affine_blend(flow, cert)
+    m.blend_local = 41
+    local = m.affine_blend(flow, cert)
+    hole = (slice(None), slice(None), slice(58, 70), slice(58, 70))
+    assert plain[hole][:, 0].abs().max() < 0.2  # the affine (about zero)
+    # most of the offset (the window reaches past the field's edge, and tau damps the mean a little)
+    assert (local[hole][:, 0] - 2.0).abs().max() < 0.4 and local[hole][:, 1].abs().max() < 0.3
+    assert torch.equal(local[:, :, :54], flow[:, :, :54]) and torch.equal(plain[:, :, :54], flow[:, :, :54])
 
 
 def test_weights_errors(model, tmp_path):

@@ -462,6 +462,11 @@ class SomaNet(nn.Module):
         self.aff_similarity = False
         # the 1/2 affine fit uses every aff_step2-th window (63-cell windows overlap almost entirely)
         self.aff_step2 = 1
+        # re-encode the SAR resampled by the refined 1/2 affine (not only the global one) before the
+        # dense stages, so that they start from the same frame whatever the tile's rotation; costs one
+        # more SAR encoder pass.  Off: it lowered the clipped mean and median on both training benches
+        # but lost 2 chips under 1 px on the second (model card, "Tried after 0.9.0, later")
+        self.rewarp = False
         self.r4 = 3
         self.r2 = 3
         self.r1 = 1
@@ -503,6 +508,13 @@ class SomaNet(nn.Module):
         self.blend_k = 1.0
         self.blend_iters = 6
         self.blend_similarity = False  # the blend's prior A is a similarity instead of a full affine
+        # the blend's prior adds the certainty-weighted local mean of the flow's residual from A
+        # (two box passes of blend_local px, damped by blend_tau where the window holds little
+        # certainty), so that a smooth local field seen on textured ground carries over the
+        # untextured parts nearby instead of falling back to the tile's affine; 0: off, as every
+        # window tried lost chips on both training benches (model card, "Tried after 0.9.0, later")
+        self.blend_local = 0
+        self.blend_tau = 0.05
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -701,6 +713,17 @@ class SomaNet(nn.Module):
         for _ in range(self.n_aff2):
             a_rel = self.refine_affine(mo[1], msw[1], vl[1], a_rel, 2, self.agg2, 2, self.r_aff, self.aff_step2)
         out["affine2"] = coords.compose_affine(a_g, a_rel)
+        if self.rewarp:
+            a_g = out["affine2"]
+            a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
+            fl_g = coords.affine_to_flow(a_g, h, w).detach()
+            vsw = (coords.warp(vs, fl_g) > 0.99).to(vs.dtype)
+            sarw = coords.warp(sar * vs, fl_g, "bicubic") * vsw
+            msw = [l2n(f) for f in self.enc_sar(sarw)]
+            bad = 1.0 - vo * vsw
+            vb = 1.0 - F.max_pool2d(F.max_pool2d(bad, [1, 2 * m + 1], 1, [0, m]), [2 * m + 1, 1], 1, [m, 0])
+            vl = [vb, (F.avg_pool2d(vb, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vb, 4) > 0.99).to(vo.dtype),
+                  (F.avg_pool2d(vb, 8) > 0.99).to(vo.dtype)]
         # (3) dense flow at stride 4, 2, then full resolution
         h4 = mo[2].shape[-2]
         w4 = mo[2].shape[-1]
@@ -763,6 +786,11 @@ class SomaNet(nn.Module):
         a = irls_affine(pts, tgt, coords.subsample(cert, s).flatten(1), self.blend_k, self.blend_iters,
                         self.blend_similarity)
         prior = coords.affine_to_flow(a, h, w)
+        if self.blend_local > 0:
+            k = self.blend_local
+            num = box(box(cert * (flow - prior), k), k)
+            den = box(box(cert, k), k)
+            prior = prior + num / (den + self.blend_tau)
         return cert * flow + (1.0 - cert) * prior
 
 
