@@ -47,18 +47,9 @@ def dump(a) -> None:
     t0 = time.perf_counter()
     out = {}
     with torch.inference_mode():
-        for key, (o, ov, s, sv) in {
-            "0": (bench.opt, bench.opt_valid, bench.sar0, bench.sar0_valid),
-            "1": (bench.opt[bench.idx], bench.opt_valid[bench.idx], bench.sar, bench.sar_valid),
-        }.items():
-            fl, ce = [], []
-            for i in range(0, len(o), a.batch):
-                sl = slice(i, i + a.batch)
-                f, c = model(o[sl], s[sl], ov[sl], sv[sl])
-                fl.append(f.float())
-                ce.append(c.float())
-            out["flow" + key] = torch.cat(fl)
-            out["cert" + key] = torch.cat(ce)
+        out["flow0"], out["cert0"] = bench.outputs(model, bench.opt, bench.opt_valid, bench.sar0, bench.sar0_valid)
+        out["flow1"], out["cert1"] = bench.outputs(model, bench.opt[bench.idx], bench.opt_valid[bench.idx],
+                                                   bench.sar, bench.sar_valid)
     out.update(idx=bench.idx, gt=bench.gt, opt_valid=bench.opt_valid, protocol=list(bench.protocol),
                half=list(bench.half), names=bench.names, settings=K._parse_set(a.set),
                seconds=time.perf_counter() - t0)
@@ -78,6 +69,7 @@ def score(a) -> None:
     model, base = _model(a)
     names = np.array(d["names"])
     protocol = np.array(d["protocol"])
+    half = np.array(d["half"])
     shipped = {k: getattr(model, k) for k in BLEND}
     for t in a.try_ or [""]:
         settings = K._parse_set([x for x in t.split(",") if x])
@@ -89,11 +81,7 @@ def score(a) -> None:
             f1 = torch.cat([model.affine_blend(d["flow1"][i:i + 16], d["cert1"][i:i + 16])
                             for i in range(0, len(d["flow1"]), 16)])
             err = train.relative_rmse(f0[d["idx"]], f1, d["gt"], d["opt_valid"][d["idx"]]).numpy()
-        e = np.where(np.isfinite(err), err, 1e9)
-        s = {"n1": int((e < 1).sum()), "n3": int((e < 3).sum()), "n": int(e.size),
-             "clip5": round(float(np.minimum(e, 5.0).mean()), 4), "median": round(float(np.median(e)), 4)}
-        for p in K.PROTOCOLS:
-            s[f"n1_{p}"] = int((e[protocol == p] < 1).sum())
+        s = K.summarise(err, protocol, half)
         s["try"] = t
         print(json.dumps(s), flush=True)
         if a.out:

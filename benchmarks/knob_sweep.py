@@ -169,21 +169,27 @@ class Bench:
         self.half = np.array([pairs.index(bases[i].pair) % 2 for i, _ in samples])
         self.names = [f"{bases[i].pair}/{bases[i].index}/{s.protocol}" for i, s in samples]
 
-    def _flows(self, model, opt, ov, sar, sv):
-        out = []
+    def outputs(self, model, opt, ov, sar, sv):
+        """The model's (flow, certainty) on stacked chips, in batches (halved on CUDA OOM)."""
+        flows, certs = [], []
         i = 0
         while i < len(opt):
             sl = slice(i, i + self.batch)
             try:
-                out.append(model(opt[sl], sar[sl], ov[sl], sv[sl])[0].float())
+                f, c = model(opt[sl], sar[sl], ov[sl], sv[sl])
             except self.torch.cuda.OutOfMemoryError:
                 if self.batch == 1:
                     raise
                 self.batch //= 2
                 self.torch.cuda.empty_cache()
                 continue
+            flows.append(f.float())
+            certs.append(c.float())
             i += self.batch
-        return self.torch.cat(out)
+        return self.torch.cat(flows), self.torch.cat(certs)
+
+    def _flows(self, model, opt, ov, sar, sv):
+        return self.outputs(model, opt, ov, sar, sv)[0]
 
     def errors(self, model) -> np.ndarray:
         """Relative RMSE (px) of every deformed sample."""
@@ -197,14 +203,19 @@ class Bench:
         return rel.cpu().numpy().astype(np.float64)
 
     def summary(self, err: np.ndarray) -> dict:
-        e = np.where(np.isfinite(err), err, 1e9)
-        s = {"n1": int((e < 1).sum()), "n3": int((e < 3).sum()), "n": int(e.size),
-             "clip5": float(np.minimum(e, 5.0).mean()), "median": float(np.median(e))}
-        for p in PROTOCOLS:
-            s[f"n1_{p}"] = int((e[self.protocol == p] < 1).sum())
-        for h in (0, 1):
-            s[f"n1_half{h}"] = int((e[self.half == h] < 1).sum())
-        return s
+        return summarise(err, self.protocol, self.half)
+
+
+def summarise(err: np.ndarray, protocol: np.ndarray, half: np.ndarray) -> dict:
+    """A setting's score from its per-sample relative errors (non-finite counts as a failure)."""
+    e = np.where(np.isfinite(err), err, 1e9)
+    s = {"n1": int((e < 1).sum()), "n3": int((e < 3).sum()), "n": int(e.size),
+         "clip5": float(np.minimum(e, 5.0).mean()), "median": float(np.median(e))}
+    for p in PROTOCOLS:
+        s[f"n1_{p}"] = int((e[protocol == p] < 1).sum())
+    for h in (0, 1):
+        s[f"n1_half{h}"] = int((e[half == h] < 1).sum())
+    return s
 
 
 def load_model(weights: str, checkpoint: str = ""):

@@ -652,6 +652,23 @@ class SomaNet(nn.Module):
             logit = logit + prev_logit
         return base + out[:, 0:2], logit
 
+    def reencode_sar(self, sar: torch.Tensor, vs: torch.Tensor, vo: torch.Tensor,
+                     a: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """The SAR resampled by the affine ``a`` (bicubic, full-resolution pixels) and encoded again,
+        so that its oriented channels and learnt features are in the optical frame: its normalised
+        descriptors at strides 1, 2, 4, 8, and the matching weights at those strides (both images
+        valid and :attr:`border_margin` px away from their borders, where zero padding and the
+        coverage edge of the resampled SAR make gradients that the other image lacks)."""
+        fl = coords.affine_to_flow(a, sar.shape[-2], sar.shape[-1]).detach()
+        vsw = (coords.warp(vs, fl) > 0.99).to(vs.dtype)
+        msw = [l2n(f) for f in self.enc_sar(coords.warp(sar * vs, fl, "bicubic") * vsw)]
+        m = self.border_margin
+        bad = 1.0 - vo * vsw
+        vb = 1.0 - F.max_pool2d(F.max_pool2d(bad, [1, 2 * m + 1], 1, [0, m]), [2 * m + 1, 1], 1, [m, 0])
+        vl = [vb, (F.avg_pool2d(vb, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vb, 4) > 0.99).to(vo.dtype),
+              (F.avg_pool2d(vb, 8) > 0.99).to(vo.dtype)]
+        return msw, vl
+
     def run(self, opt: torch.Tensor, sar: torch.Tensor, opt_valid: Optional[torch.Tensor] = None,
             sar_valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Full pass returning intermediates: affines (full-resolution pixels), global scores,
@@ -686,22 +703,9 @@ class SomaNet(nn.Module):
         a_g = coords.scale_affine(a8, 1.0 / 8.0)
         out["global_scores"] = scores
         out["affine_global"] = a_g
-        # re-encode the SAR resampled by the global affine (bicubic), so that its oriented channels
-        # and learnt features are in the optical frame; the later stages estimate what remains
+        # re-encode the SAR resampled by the global affine; the later stages estimate what remains
         # (a_rel, then a relative flow) and their outputs are composed with the global affine
-        h = opt.shape[-2]
-        w = opt.shape[-1]
-        fl_g = coords.affine_to_flow(a_g, h, w).detach()
-        vsw = (coords.warp(vs, fl_g) > 0.99).to(vs.dtype)
-        sarw = coords.warp(sar * vs, fl_g, "bicubic") * vsw
-        msw = [l2n(f) for f in self.enc_sar(sarw)]
-        # weights: both images valid and a margin away from their borders, where zero padding and
-        # the coverage edge of the resampled SAR make gradients that the other image lacks
-        m = self.border_margin
-        bad = 1.0 - vo * vsw
-        vb = 1.0 - F.max_pool2d(F.max_pool2d(bad, [1, 2 * m + 1], 1, [0, m]), [2 * m + 1, 1], 1, [m, 0])
-        vl = [vb, (F.avg_pool2d(vb, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vb, 4) > 0.99).to(vo.dtype),
-              (F.avg_pool2d(vb, 8) > 0.99).to(vo.dtype)]
+        msw, vl = self.reencode_sar(sar, vs, vo, a_g)
         # (2) affine refinement at stride 8, 4 and 2 (the 1/2 stage shares the 1/4 temperature)
         a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
         for _ in range(self.n_aff8):
@@ -716,14 +720,7 @@ class SomaNet(nn.Module):
         if self.rewarp:
             a_g = out["affine2"]
             a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
-            fl_g = coords.affine_to_flow(a_g, h, w).detach()
-            vsw = (coords.warp(vs, fl_g) > 0.99).to(vs.dtype)
-            sarw = coords.warp(sar * vs, fl_g, "bicubic") * vsw
-            msw = [l2n(f) for f in self.enc_sar(sarw)]
-            bad = 1.0 - vo * vsw
-            vb = 1.0 - F.max_pool2d(F.max_pool2d(bad, [1, 2 * m + 1], 1, [0, m]), [2 * m + 1, 1], 1, [m, 0])
-            vl = [vb, (F.avg_pool2d(vb, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vb, 4) > 0.99).to(vo.dtype),
-                  (F.avg_pool2d(vb, 8) > 0.99).to(vo.dtype)]
+            msw, vl = self.reencode_sar(sar, vs, vo, a_g)
         # (3) dense flow at stride 4, 2, then full resolution
         h4 = mo[2].shape[-2]
         w4 = mo[2].shape[-1]
