@@ -396,3 +396,46 @@ def test_scratch_raster_is_quiet_and_deleted(tmp_path):
             assert ds.read(2).sum() == 300 * 280
     assert not [w for w in caught if issubclass(w.category, NotGeoreferencedWarning)]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gcp_georeferenced_sar_is_warped_by_its_ground_control_points(tmp_path):
+    """A SAR raster georeferenced by ground control points only (like a Sentinel-1 GRD measurement
+    file: no CRS, no geotransform, pixel order mirrored against the map, zero-filled border) lands on
+    the optical grid through its GCPs; as the reference grid it is refused with a one-line error."""
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS as RCRS
+    from rasterio.warp import transform as warp_points
+
+    n = 256
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:n, 0:n]
+    sar = (1000 + 400 * np.sin(xx / 9.0) * np.cos(yy / 13.0) + 50 * rng.random((n, n))).astype(np.uint16)
+    sar[:, :12] = 0  # the GRD's no-data border
+    opt = write(tmp_path / "opt.tif", (np.stack([sar // 8] * 3)).astype(np.uint8))
+    flipped = sar[:, ::-1]  # column c of the file is map column n - 1 - c
+    gcps = []
+    for r in np.linspace(0, n, 5):
+        for c in np.linspace(0, n, 5):
+            x, y = T0 * (n - c, r)  # pixel corner c of the mirrored file is corner n - c on the map
+            lon, lat = warp_points(CRS, "EPSG:4326", [x], [y])
+            gcps.append(GroundControlPoint(row=float(r), col=float(c), x=lon[0], y=lat[0], z=0.0))
+    grd = tmp_path / "grd.tif"
+    with rasterio.open(grd, "w", driver="GTiff", width=n, height=n, count=1, dtype="uint16") as ds:
+        ds.write(flipped, 1)
+        ds.gcps = (gcps, RCRS.from_epsg(4326))
+    out = tmp_path / "out.tif"
+    proc = _cli("register", grd, opt, "-o", out, "--method", "identity", "--tile-size", "256", "-q")
+    assert proc.returncode == 0, proc.stderr
+    with rasterio.open(out) as ds, rasterio.open(opt) as r:
+        assert (ds.crs, ds.transform, ds.shape) == (r.crs, r.transform, r.shape)
+        got = ds.read(1).astype(np.float64)
+        valid = ds.read_masks(1) > 0
+    inner = np.zeros_like(valid)
+    inner[4:-4, 16:-4] = True
+    assert valid[inner].all()  # the map is covered where the SAR has data ...
+    assert not valid[:, :10].any()  # ... and its zero border is no data, not a dark edge
+    err = np.abs(got - sar)[inner]
+    assert err.mean() < 2.0 and np.percentile(err, 99) < 10.0, (err.mean(), np.percentile(err, 99))
+    before = set(p.name for p in tmp_path.iterdir())
+    _assert_clean_error(_cli("register", grd, opt, "-o", tmp_path / "o2.tif", "--reference", "sar", "-q"),
+                        tmp_path, "ground control points", before)

@@ -3,6 +3,11 @@
 The reference raster keeps its own grid.  The moving raster is read through a ``WarpedVRT`` onto the
 reference CRS, transform, width and height, so rasters with different CRS, resolution and extent
 line up through their georeferencing; only the overlap window is processed.
+
+A moving raster georeferenced by ground control points only (a Sentinel-1 GRD measurement file as
+shipped in the SAFE product, for example) is read through :class:`GcpWarpedReader` instead, which
+warps each requested window with GDAL's GCP transformer (``rasterio.warp.reproject``): rasterio's
+``WarpedVRT`` reads zeros from such a source onto an explicit grid (rasterio 1.4.4, GDAL 3.10).
 """
 
 from __future__ import annotations
@@ -13,15 +18,17 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import transform_bounds
+from rasterio.warp import calculate_default_transform, reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
+from rasterio.windows import transform as window_transform
 
 from ..errors import BandError, GeoreferenceError, InputError
 from ..model.preprocess import resolve_bands
@@ -33,8 +40,15 @@ def gdal_env(cache_mb: int = 256) -> rasterio.Env:
     return rasterio.Env(GDAL_CACHEMAX=int(cache_mb) * 1024 * 1024)
 
 
-def open_raster(path: Path, role: str) -> rasterio.DatasetReader:
-    """Open ``path`` read-only with clear errors for the usual ways it can go wrong."""
+def has_gcps_only(ds: rasterio.DatasetReader) -> bool:
+    """The raster is georeferenced by ground control points (with their CRS) and nothing else."""
+    gcps, crs = ds.gcps
+    return ds.crs is None and bool(gcps) and crs is not None
+
+
+def open_raster(path: Path, role: str, allow_gcps: bool = False) -> rasterio.DatasetReader:
+    """Open ``path`` read-only with clear errors for the usual ways it can go wrong.  With
+    ``allow_gcps`` a raster georeferenced by ground control points only is accepted too."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{role} file not found: {p}")
@@ -51,6 +65,13 @@ def open_raster(path: Path, role: str) -> rasterio.DatasetReader:
         raise InputError(f"{role} file is not a readable raster: {p} ({msg})") from None
     except RasterioError as exc:
         raise InputError(f"{role} file cannot be opened: {p} ({exc})") from None
+    if has_gcps_only(ds):
+        if allow_gcps:
+            return ds
+        ds.close()
+        raise GeoreferenceError(
+            f"{role} raster is georeferenced by ground control points only, which the reference grid "
+            f"cannot be: {p} (make it the moving image, or orthorectify it first)")
     if ds.crs is None:
         ds.close()
         raise GeoreferenceError(f"{role} raster has no CRS: {p}")
@@ -73,13 +94,78 @@ def check_readable(ds: rasterio.DatasetReader, role: str) -> None:
         raise InputError(f"{role} raster is corrupt or truncated: {ds.name} ({msg})") from None
 
 
+class GcpWarpedReader:
+    """The part of a ``WarpedVRT``'s reading interface that :class:`AlignedPair` and the pipeline use
+    (``read``, ``read_masks``, ``name``, ``close``), for a source georeferenced by ground control
+    points only.  Each call warps just the requested window of the reference grid with GDAL's GCP
+    transformer, so memory follows the window, not the raster.  Values come back as float32, NaN
+    where nothing maps; the source's nodata value, or 0 for an integer source without one (the
+    zero-filled border of a Sentinel-1 GRD), counts as no data."""
+
+    def __init__(self, src: rasterio.DatasetReader, crs, transform, resampling: Resampling):
+        self.src = src
+        self.gcps, self.gcp_crs = src.gcps
+        self.crs = crs
+        self.transform = transform
+        self.resampling = resampling
+        if src.nodata is not None:
+            self.src_nodata = src.nodata
+        elif np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
+            self.src_nodata = 0
+        else:
+            self.src_nodata = None
+        self.name = f"{src.name} (warped by its ground control points)"
+        self._last: Optional[tuple] = None  # (window, shape, {band: array}) of the last warp
+
+    def close(self) -> None:
+        self._last = None
+
+    def _band(self, band: int, window: Window, shape: Tuple[int, int]) -> np.ndarray:
+        key = (tuple(map(float, window.flatten())), tuple(shape))
+        if self._last is None or self._last[0] != key:
+            self._last = (key, {})
+        cache = self._last[1]
+        if band not in cache:
+            h, w = shape
+            t = window_transform(window, self.transform)
+            t = t * Affine.scale(float(window.width) / w, float(window.height) / h)
+            out = np.full((h, w), np.nan, np.float32)
+            reproject(rasterio.band(self.src, band), out, gcps=self.gcps, src_crs=self.gcp_crs,
+                      src_nodata=self.src_nodata, dst_transform=t, dst_crs=self.crs, dst_nodata=np.nan,
+                      resampling=self.resampling)
+            cache[band] = out
+        return cache[band]
+
+    def read(self, indexes, window: Window, boundless: bool = False, out_shape=None, resampling=None) -> np.ndarray:
+        bands = [indexes] if isinstance(indexes, int) else list(indexes)
+        shape = tuple(out_shape[-2:]) if out_shape is not None else (int(window.height), int(window.width))
+        data = np.stack([self._band(b, window, shape) for b in bands])
+        return data[0] if isinstance(indexes, int) else data
+
+    def read_masks(self, band: int, window: Window, out_shape=None, resampling=None) -> np.ndarray:
+        shape = tuple(out_shape[-2:]) if out_shape is not None else (int(window.height), int(window.width))
+        return np.where(np.isfinite(self._band(band, window, shape)), 255, 0).astype(np.uint8)
+
+
+def georef_bounds(ds: rasterio.DatasetReader):
+    """``(crs, (left, bottom, right, top))`` of a raster, from its ground control points if it has
+    nothing else."""
+    if has_gcps_only(ds):
+        gcps, crs = ds.gcps
+        t, w, h = calculate_default_transform(crs, crs, ds.width, ds.height, gcps=gcps)
+        left, top = t * (0, 0)
+        right, bottom = t * (w, h)
+        return crs, (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
+    return ds.crs, tuple(ds.bounds)
+
+
 @dataclass
 class AlignedPair:
     """The reference raster, the moving raster warped onto its grid, and the overlap window."""
 
     ref: rasterio.DatasetReader
     mov_src: rasterio.DatasetReader
-    mov: WarpedVRT
+    mov: Union[WarpedVRT, GcpWarpedReader]
     window: Window  # overlap, in reference pixels
     ref_is_optical: bool
     optical_bands: Tuple[int, ...]  # 1-based indexes into the optical raster
@@ -147,8 +233,8 @@ def open_pair(
         raise InputError(f"--reference must be 'opt' or 'sar' (got {reference!r})")
     stack = ExitStack()
     try:
-        sar = stack.enter_context(open_raster(sar_path, "SAR"))
-        opt = stack.enter_context(open_raster(opt_path, "optical"))
+        sar = stack.enter_context(open_raster(sar_path, "SAR", allow_gcps=reference == "opt"))
+        opt = stack.enter_context(open_raster(opt_path, "optical", allow_gcps=reference == "sar"))
         check_readable(sar, "SAR")
         check_readable(opt, "optical")
         if not 1 <= sar_band <= sar.count:
@@ -158,6 +244,13 @@ def open_pair(
         window = overlap_window(ref, mov)
         same_crs = ref.crs == mov.crs
         same_grid = same_crs and ref.transform == mov.transform and ref.shape == mov.shape
+        if has_gcps_only(mov):
+            gcp_reader = GcpWarpedReader(mov, ref.crs, ref.transform, resampling)
+            stack.callback(gcp_reader.close)
+            pair = AlignedPair(ref, mov, gcp_reader, window, reference == "opt", optical_bands, sar_band,
+                               False, False, stack)
+            check_overlap_has_data(pair)
+            return pair
         vrt_kw = dict(crs=ref.crs, transform=ref.transform, width=ref.width, height=ref.height,
                       resampling=resampling)
         if mov.nodata is not None:
@@ -178,7 +271,8 @@ def open_pair(
 def overlap_window(ref: rasterio.DatasetReader, mov: rasterio.DatasetReader) -> Window:
     """The window of ``ref`` covered by ``mov`` (through the georeferencing), rounded outward."""
     try:
-        mb = transform_bounds(mov.crs, ref.crs, *mov.bounds, densify_pts=21)
+        mov_crs, mov_bounds = georef_bounds(mov)
+        mb = transform_bounds(mov_crs, ref.crs, *mov_bounds, densify_pts=21)
     except Exception as exc:  # pyproj/GDAL failures for incompatible CRS
         raise GeoreferenceError(f"cannot transform between the rasters' CRS ({exc})") from None
     rb = ref.bounds
