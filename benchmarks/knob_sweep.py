@@ -256,6 +256,8 @@ def apply(model, settings: Dict[str, float], base: dict) -> None:
             elif k == "temp_local":
                 model.log_scale[1:] += math.log(v)
             else:
+                if not hasattr(model, k):
+                    raise SystemExit(f"error: unknown setting {k!r}: not an attribute of SomaNet")
                 cur = getattr(model, k)
                 setattr(model, k, type(cur)(v))
 
@@ -291,10 +293,16 @@ def trial(model, bench: Bench, base: dict, settings: Dict[str, float]) -> Tuple[
 
 
 def _parse_set(items) -> Dict[str, float]:
+    """``["knob=value", ...]`` -> ``{knob: value}``; a malformed item exits with a one-line error."""
     out = {}
     for kv in items or []:
-        k, v = kv.split("=", 1)
-        out[k] = float(v)
+        k, sep, v = kv.partition("=")
+        try:
+            if not sep or not k.strip():
+                raise ValueError
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise SystemExit(f"error: bad setting {kv!r}: expected knob=number, e.g. r_aff8=4") from None
     return out
 
 
