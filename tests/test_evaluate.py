@@ -361,3 +361,33 @@ def test_chip_and_metric_code_imports_without_rasterio():
             "assert callable(evaluate.base_chip) and callable(train.relative_rmse)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_png_chip_dataset_scores_as_its_geotiff_twin(tmp_path):
+    """A dataset of plain PNG chips (no georeferencing, as SEN1-2 ships them) is found and read,
+    and scores exactly as the same pixels in GeoTIFFs; two files with one stem are refused."""
+    tif = make_dataset(tmp_path / "tif", n=2, size=128)
+    png = tmp_path / "png"
+    for entry in list_pairs(tif):
+        for kind, src in (("sar", entry.sar), ("opt", entry.opt)):
+            with rasterio.open(src) as s:
+                arr = s.read()
+            (png / kind).mkdir(parents=True, exist_ok=True)
+            with rasterio.open(png / kind / f"{entry.name}.png", "w", driver="PNG", width=arr.shape[2],
+                               height=arr.shape[1], count=arr.shape[0], dtype=arr.dtype) as d:
+                d.write(arr)
+    assert [e.opt.suffix for e in list_pairs(png)] == [".png", ".png"]
+    a = ev.run(tif, "both", ["identity", ConstantMatcher()], seed=3, chip=64)
+    b = ev.run(png, "both", ["identity", ConstantMatcher()], seed=3, chip=64)
+    for p in ("geo", "paper"):
+        assert a["protocols"][p]["methods"]["identity"]["rmse_median"] > 1.0
+        for m in ("identity", "constant"):
+            for k in ("rmse_mean", "rel_rmse_mean", "cmr3", "n"):
+                assert b["protocols"][p]["methods"][m][k] == pytest.approx(a["protocols"][p]["methods"][m][k])
+    with rasterio.open(png / "sar" / "p00.png") as s:
+        arr = s.read()
+    with rasterio.open(png / "sar" / "p00.tif", "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1],
+                       count=1, dtype=arr.dtype) as d:
+        d.write(arr)
+    with pytest.raises(DataError, match="could be pair p00"):
+        list_pairs(png)

@@ -1,5 +1,9 @@
 """Datasets of co-registered pairs laid out as ``DATA_DIR/sar/NAME.tif`` + ``DATA_DIR/opt/NAME.tif``.
 
+Without ``pairs.csv`` the two folders are scanned for rasters with a known extension
+(:data:`EXTENSIONS`: GeoTIFF, PNG, JPEG, JPEG 2000), so chip datasets such as SEN1-2's PNGs work
+as they are; georeferencing is not needed.
+
 ``pairs.csv`` (optional) has at least ``id`` and may carry ``sar``/``opt`` relative paths and an
 ``s2_scene`` column used for splits (for example ``T11SLT`` vs ``T11SMT`` in s1s2_calif).
 """
@@ -7,17 +11,19 @@
 from __future__ import annotations
 
 import csv
+import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import rasterio
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
 from ..errors import DataError
 
-_EXTS = (".tif", ".tiff")
+EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2")
 
 
 @dataclass(frozen=True)
@@ -56,11 +62,12 @@ def list_pairs(data_dir: Path, groups: Optional[Sequence[str]] = None) -> List[P
                 opt = data_dir / (row.get("opt") or f"opt/{name}.tif")
                 entries.append(PairEntry(name, sar, opt, dict(row)))
     else:
-        sars = {p.stem: p for p in sorted(sar_dir.iterdir()) if p.suffix.lower() in _EXTS}
-        opts = {p.stem: p for p in sorted(opt_dir.iterdir()) if p.suffix.lower() in _EXTS}
+        sars = _scan(sar_dir)
+        opts = _scan(opt_dir)
         for name in sorted(set(sars) | set(opts)):
-            entries.append(PairEntry(name, sars.get(name, sar_dir / f"{name}.tif"),
-                                     opts.get(name, opt_dir / f"{name}.tif")))
+            suffix = (sars.get(name) or opts[name]).suffix
+            entries.append(PairEntry(name, sars.get(name, sar_dir / f"{name}{suffix}"),
+                                     opts.get(name, opt_dir / f"{name}{suffix}")))
     for e in entries:
         for p in (e.sar, e.opt):
             if not p.is_file():
@@ -68,8 +75,23 @@ def list_pairs(data_dir: Path, groups: Optional[Sequence[str]] = None) -> List[P
     if groups:
         entries = [e for e in entries if e.group() in set(groups)]
     if not entries:
-        raise DataError(f"{data_dir}: no pairs found" + (f" in group(s) {', '.join(groups)}" if groups else ""))
+        if groups:
+            raise DataError(f"{data_dir}: no pairs found in group(s) {', '.join(groups)}")
+        raise DataError(f"{data_dir}: no pairs found (sar/NAME and opt/NAME rasters, "
+                        f"{' '.join(EXTENSIONS)}, or a pairs.csv)")
     return entries
+
+
+def _scan(folder: Path) -> Dict[str, Path]:
+    """``{stem: path}`` of the rasters in ``folder``; two files with one stem are ambiguous."""
+    out: Dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in EXTENSIONS or not p.is_file():
+            continue
+        if p.stem in out:
+            raise DataError(f"{folder}: both {out[p.stem].name} and {p.name} could be pair {p.stem}")
+        out[p.stem] = p
+    return out
 
 
 @dataclass
@@ -84,7 +106,11 @@ class PairArrays:
 def read_pair(entry: PairEntry) -> PairArrays:
     """Read a whole pair (first SAR band, all optical bands) with its validity masks."""
     try:
-        with rasterio.open(entry.sar) as s, rasterio.open(entry.opt) as o:
+        with ExitStack() as stack:
+            with warnings.catch_warnings():  # chip datasets (PNG, JPEG) carry no georeferencing
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                s = stack.enter_context(rasterio.open(entry.sar))
+                o = stack.enter_context(rasterio.open(entry.opt))
             if (s.height, s.width) != (o.height, o.width):
                 raise DataError(
                     f"pair {entry.name}: sizes differ (sar {s.width}x{s.height}, opt {o.width}x{o.height})"
