@@ -439,3 +439,41 @@ def test_gcp_georeferenced_sar_is_warped_by_its_ground_control_points(tmp_path):
     before = set(p.name for p in tmp_path.iterdir())
     _assert_clean_error(_cli("register", grd, opt, "-o", tmp_path / "o2.tif", "--reference", "sar", "-q"),
                         tmp_path, "ground control points", before)
+
+
+def test_plain_image_chips_share_their_pixel_grid(tmp_path):
+    """Two images without any georeferencing (PNG chips, as in SEN1-2) of one size are registered
+    on their common pixel grid; the output has no georeferencing either.  A plain image beside a
+    georeferenced one, or two plain images of different sizes, get one-line errors."""
+    from scipy import ndimage
+
+    n = 256
+    tex = ndimage.gaussian_filter(np.random.default_rng(3).normal(size=(n + 16, n + 16)), 2.0)
+    tex = (255 * (tex - tex.min()) / (tex.max() - tex.min())).astype(np.uint8)
+    opt_arr = tex[8:8 + n, 8:8 + n]
+    sar_arr = tex[8:8 + n, 5:5 + n]  # optical pixel (c, r) is SAR pixel (c + 3, r)
+
+    def png(name, arr):
+        p = tmp_path / name
+        with rasterio.open(p, "w", driver="PNG", width=arr.shape[-1], height=arr.shape[-2], count=1,
+                           dtype="uint8") as d:
+            d.write(arr, 1)
+        return p
+
+    o, s = png("opt.png", opt_arr), png("sar.png", sar_arr)
+    out, flow = tmp_path / "out.tif", tmp_path / "flow.tif"
+    proc = _cli("register", s, o, "-o", out, "--flow-out", flow, "--method", "gradient", "--tile-size", "256", "-q")
+    assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+    with rasterio.open(flow) as f, rasterio.open(out) as a:
+        assert f.crs is None and a.crs is None and a.shape == (n, n)
+        dx, dy = f.read(1)[32:-32, 32:-32], f.read(2)[32:-32, 32:-32]
+        aligned = a.read(1).astype(np.float64)[32:-32, 32:-32]
+    assert abs(np.median(dx) - 3.0) < 0.3 and abs(np.median(dy)) < 0.3, (np.median(dx), np.median(dy))
+    assert np.abs(aligned - opt_arr[32:-32, 32:-32]).mean() < 0.25 * np.abs(sar_arr - opt_arr)[32:-32, 32:-32].mean()
+    before = set(p.name for p in tmp_path.iterdir())
+    geo = write(tmp_path / "geo.tif", opt_arr)
+    _assert_clean_error(_cli("register", s, geo, "-o", tmp_path / "o2.tif", "-q"), tmp_path, "no CRS",
+                        before | {"geo.tif"})
+    small = png("small.png", opt_arr[:128, :128])
+    _assert_clean_error(_cli("register", s, small, "-o", tmp_path / "o3.tif", "-q"), tmp_path, "sizes differ",
+                        before | {"geo.tif", "small.png"})

@@ -46,9 +46,15 @@ def has_gcps_only(ds: rasterio.DatasetReader) -> bool:
     return ds.crs is None and bool(gcps) and crs is not None
 
 
-def open_raster(path: Path, role: str, allow_gcps: bool = False) -> rasterio.DatasetReader:
+def not_georeferenced(ds: rasterio.DatasetReader) -> bool:
+    """No CRS, no geotransform, no ground control points: a plain image (a PNG chip, say)."""
+    return ds.crs is None and ds.transform.is_identity and not ds.gcps[0]
+
+
+def open_raster(path: Path, role: str, allow_gcps: bool = False, allow_plain: bool = False) -> rasterio.DatasetReader:
     """Open ``path`` read-only with clear errors for the usual ways it can go wrong.  With
-    ``allow_gcps`` a raster georeferenced by ground control points only is accepted too."""
+    ``allow_gcps`` a raster georeferenced by ground control points only is accepted too, and with
+    ``allow_plain`` one without any georeferencing."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{role} file not found: {p}")
@@ -65,6 +71,8 @@ def open_raster(path: Path, role: str, allow_gcps: bool = False) -> rasterio.Dat
         raise InputError(f"{role} file is not a readable raster: {p} ({msg})") from None
     except RasterioError as exc:
         raise InputError(f"{role} file cannot be opened: {p} ({exc})") from None
+    if allow_plain and not_georeferenced(ds):
+        return ds
     if has_gcps_only(ds):
         if allow_gcps:
             return ds
@@ -165,7 +173,7 @@ class AlignedPair:
 
     ref: rasterio.DatasetReader
     mov_src: rasterio.DatasetReader
-    mov: Union[WarpedVRT, GcpWarpedReader]
+    mov: Union[WarpedVRT, GcpWarpedReader, rasterio.DatasetReader]  # the raster itself in pixel-grid mode
     window: Window  # overlap, in reference pixels
     ref_is_optical: bool
     optical_bands: Tuple[int, ...]  # 1-based indexes into the optical raster
@@ -233,14 +241,18 @@ def open_pair(
         raise InputError(f"--reference must be 'opt' or 'sar' (got {reference!r})")
     stack = ExitStack()
     try:
-        sar = stack.enter_context(open_raster(sar_path, "SAR", allow_gcps=reference == "opt"))
-        opt = stack.enter_context(open_raster(opt_path, "optical", allow_gcps=reference == "sar"))
+        sar = stack.enter_context(open_raster(sar_path, "SAR", allow_gcps=reference == "opt", allow_plain=True))
+        opt = stack.enter_context(open_raster(opt_path, "optical", allow_gcps=reference == "sar", allow_plain=True))
         check_readable(sar, "SAR")
         check_readable(opt, "optical")
         if not 1 <= sar_band <= sar.count:
             raise BandError(f"SAR band {sar_band} out of range: the SAR raster has {sar.count} band(s)")
         optical_bands = resolve_bands(opt.count, bands)
         ref, mov = (opt, sar) if reference == "opt" else (sar, opt)
+        plain = [(role, p) for role, ds, p in (("SAR", sar, sar_path), ("optical", opt, opt_path))
+                 if not_georeferenced(ds)]
+        if plain:
+            return _open_pixel_pair(sar, opt, ref, mov, plain, reference, optical_bands, sar_band, stack)
         window = overlap_window(ref, mov)
         same_crs = ref.crs == mov.crs
         same_grid = same_crs and ref.transform == mov.transform and ref.shape == mov.shape
@@ -266,6 +278,23 @@ def open_pair(
     except BaseException:
         stack.close()
         raise
+
+
+def _open_pixel_pair(sar, opt, ref, mov, plain, reference, optical_bands, sar_band, stack) -> AlignedPair:
+    """Two rasters without any georeferencing (image chips) share their pixel grid when they have
+    one size: the moving image is read as it is, and pixel (c, r) of one is pixel (c, r) of the
+    other before registration.  One georeferenced and one plain raster cannot be placed."""
+    if len(plain) == 1:
+        role, path = plain[0]
+        raise GeoreferenceError(f"{role} raster has no CRS: {path} (the other raster is georeferenced)")
+    if (sar.height, sar.width) != (opt.height, opt.width):
+        raise GeoreferenceError(
+            f"neither raster is georeferenced and their sizes differ (SAR {sar.width}x{sar.height}, "
+            f"optical {opt.width}x{opt.height}), so nothing places them on one grid")
+    pair = AlignedPair(ref, mov, mov, Window(0, 0, ref.width, ref.height), reference == "opt", optical_bands,
+                       sar_band, True, False, stack)
+    check_overlap_has_data(pair)
+    return pair
 
 
 def overlap_window(ref: rasterio.DatasetReader, mov: rasterio.DatasetReader) -> Window:

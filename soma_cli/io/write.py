@@ -79,7 +79,10 @@ def atomic_raster(dest: Path, profile: dict, cog: bool = False,
     tmp_cog: Optional[Path] = None
     try:
         try:
-            with rasterio.open(tmp, "w", **gtiff_profile(profile)) as dst:
+            with warnings.catch_warnings():  # outputs of non-georeferenced inputs have none either
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                dst = rasterio.open(tmp, "w", **gtiff_profile(profile))
+            with dst:
                 for i, d in enumerate(descriptions or (), start=1):
                     dst.set_band_description(i, d)
                 for i, u in enumerate(units or (), start=1):
