@@ -41,7 +41,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -50,9 +50,6 @@ from . import atomic
 from .errors import ConfigError, DataError, OutputError
 from .matchers import Matcher, get_matcher
 from .model.preprocess import optical_to_gray, sar_to_log, select_bands, standardise
-
-if TYPE_CHECKING:
-    from .io.dataset import PairEntry
 
 PROTOCOL_CHOICES = ("geo", "paper", "both")
 CMR_THRESHOLDS = (1, 2, 3, 5)
@@ -320,15 +317,17 @@ def run(
     chip, batch = int(chip), int(batch)
     # rasterio is imported here, not at the top, so that the chip and metric functions above work
     # where it is absent (benchmarks/knob_sweep.py on a GPU machine)
-    from .io.dataset import list_pairs, read_pair
+    from .io.dataset import list_pairs, pair_size, read_pair
 
     entries = list_pairs(Path(data_dir), [split] if split else None)
     if limit is not None:
         entries = entries[: int(limit)]
-    sizes = [_pair_size(e) for e in entries]
+    sizes = [pair_size(e) for e in entries]
     for e, (h, w) in zip(entries, sizes):
         if h < chip or w < chip:
-            raise DataError(f"pair {e.name} ({w}x{h}) is smaller than the chip size {chip}")
+            fits = 32 * (min(h, w) // 32)
+            hint = f" (try --chip {fits})" if fits >= 32 else ""
+            raise DataError(f"pair {e.name} ({w}x{h}) is smaller than the chip size {chip}{hint}")
     total = sum(len(chip_windows(h, w, chip)) for h, w in sizes)
     matchers = _resolve_methods(methods, matcher_options or {})
 
@@ -376,22 +375,6 @@ def run(
     if len(protos) == 1:
         return per[protos[0]]
     return {"protocols": per, **common}
-
-
-def _pair_size(entry: PairEntry) -> Tuple[int, int]:
-    """Height and width of a pair from the file headers (sizes must agree)."""
-    import rasterio
-    from rasterio.errors import RasterioError
-
-    try:
-        with rasterio.open(entry.sar) as s, rasterio.open(entry.opt) as o:
-            if (s.height, s.width) != (o.height, o.width):
-                raise DataError(
-                    f"pair {entry.name}: sizes differ (sar {s.width}x{s.height}, opt {o.width}x{o.height})"
-                )
-            return s.height, s.width
-    except RasterioError as exc:
-        raise DataError(f"pair {entry.name}: cannot read ({exc})") from None
 
 
 def protocol_results(result: dict) -> Dict[str, dict]:

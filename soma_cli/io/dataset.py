@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import csv
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import rasterio
@@ -103,8 +103,9 @@ class PairArrays:
     opt_valid: np.ndarray  # bool (H, W)
 
 
-def read_pair(entry: PairEntry) -> PairArrays:
-    """Read a whole pair (first SAR band, all optical bands) with its validity masks."""
+@contextmanager
+def _open_both(entry: PairEntry):
+    """Both rasters of a pair, opened; unreadable files and different sizes are :class:`DataError` s."""
     try:
         with ExitStack() as stack:
             with warnings.catch_warnings():  # chip datasets (PNG, JPEG) carry no georeferencing
@@ -115,10 +116,22 @@ def read_pair(entry: PairEntry) -> PairArrays:
                 raise DataError(
                     f"pair {entry.name}: sizes differ (sar {s.width}x{s.height}, opt {o.width}x{o.height})"
                 )
-            sar = s.read(1)
-            sar_valid = s.read_masks(1) > 0
-            opt = o.read()
-            opt_valid = o.dataset_mask() > 0
+            yield s, o
     except RasterioError as exc:
         raise DataError(f"pair {entry.name}: cannot read ({exc})") from None
+
+
+def pair_size(entry: PairEntry) -> Tuple[int, int]:
+    """Height and width of a pair from the file headers (the sizes must agree)."""
+    with _open_both(entry) as (s, _):
+        return s.height, s.width
+
+
+def read_pair(entry: PairEntry) -> PairArrays:
+    """Read a whole pair (first SAR band, all optical bands) with its validity masks."""
+    with _open_both(entry) as (s, o):
+        sar = s.read(1)
+        sar_valid = s.read_masks(1) > 0
+        opt = o.read()
+        opt_valid = o.dataset_mask() > 0
     return PairArrays(entry.name, sar, opt, sar_valid, opt_valid)
