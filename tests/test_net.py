@@ -61,7 +61,8 @@ def test_training_outputs_and_gradients(model):
     for k in ("flow", "flow2", "flow4", "affine_global", "affine8", "affine4", "logit", "global_scores"):
         assert k in out and torch.isfinite(out[k]).all(), k
     assert out["flow2"].shape[-1] == 64 and out["flow4"].shape[-1] == 32
-    assert out["global_scores"].shape == (1, m.n_rotations(), 2 * m.r_global + 1, 2 * m.r_global + 1)
+    r = m.global_radius(16, 16)
+    assert r == 2 and out["global_scores"].shape == (1, m.n_rotations(), 2 * r + 1, 2 * r + 1)
     (out["flow"].abs().mean() + out["global_scores"].mean()).backward()
     for p in (m.enc_sar.fge1.k3, m.enc_sar.grad.k3, m.enc_opt.grad.k5, m.enc_sar.p8.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
@@ -391,7 +392,7 @@ def test_infer_runs_tiles_one_by_one_on_cpu():
 def test_identical_inputs_zero_flow_with_shipped_weights():
     """Identical optical and SAR inputs (smooth noise, unlike either modality) give ~zero flow.
 
-    With the shipped weights (weights/soma-0.9.0.pt, as with 0.7.0 and 0.6.0) the measured median |flow| on this image is
+    With the shipped weights (weights/soma-0.10.0.pt, as with 0.9.0, 0.7.0 and 0.6.0) the measured median |flow| on this image is
     0.026 px, and the largest component 0.047 px (seeds 4 and 5: 0.026-0.027 and 0.048-0.050). The
     bound 0.25 px leaves a margin and still fails on any half-pixel slip or a flow that runs away.
     """
@@ -419,3 +420,16 @@ def test_cpu_allocator_tuning_applies_on_glibc():
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert infer.tune_cpu_allocator() is expected
     assert infer.tune_cpu_allocator() is expected  # idempotent
+
+
+def test_global_search_radius_follows_small_tiles_only():
+    """512 px tiles (64 cells at stride 8) and larger search +-r_global cells; smaller tiles search in
+    proportion to their shorter side (256 px: +-5 cells), at least 2 cells; the global scores follow."""
+    m = net.build().eval()
+    assert m.r_global == 10
+    assert [m.global_radius(n, n) for n in (64, 128, 48, 32, 16, 8)] == [10, 10, 7, 5, 2, 2]
+    assert m.global_radius(32, 64) == 5 and m.global_radius(64, 40) == 6
+    with torch.inference_mode():
+        x = torch.randn(1, 1, 256, 256)
+        out = m.run(x, x.clone())
+    assert out["global_scores"].shape[-2:] == (11, 11)
