@@ -148,6 +148,9 @@ def _validate(opts: RegisterOptions) -> None:
     if opts.sar_scale not in preprocess.SAR_KINDS:
         raise ConfigError(f"--sar-scale must be one of {', '.join(preprocess.SAR_KINDS)}")
     tiling.validate(opts.tile_size, opts.overlap)
+    for flag, path in (("--out", opts.out), ("--flow-out", opts.flow_out)):
+        if path is not None and Path(path).suffix.lower() not in (".tif", ".tiff"):
+            raise OutputError(f"{flag} is written as a GeoTIFF: give it a .tif or .tiff name (got {Path(path).name})")
     inputs = (opts.sar, opts.opt)
     check_output(opts.out, opts.overwrite, inputs)
     if opts.flow_out is not None:

@@ -351,6 +351,9 @@ def test_bad_inputs_give_one_line_errors_and_write_nothing(tmp_path, small_pair)
     _assert_clean_error(_cli(*base, sar, trunc, "-o", tmp_path / "o2.tif"), tmp_path, "optical", b6)
     _assert_clean_error(_cli(*base, sar, opt, "-o", tmp_path / "o3.tif", "--tile-size", "100"), tmp_path,
                         "tile-size", b6)
+    _assert_clean_error(_cli(*base, sar, opt, "-o", tmp_path / "o4.png"), tmp_path, ".tif", b6)
+    _assert_clean_error(_cli(*base, sar, opt, "-o", tmp_path / "o5.tif", "--flow-out", tmp_path / "f.jpg"),
+                        tmp_path, "--flow-out", b6)
 
 
 def test_inputs_are_never_modified(tmp_path, small_pair):
