@@ -188,17 +188,14 @@ class Bench:
             i += self.batch
         return self.torch.cat(flows), self.torch.cat(certs)
 
-    def _flows(self, model, opt, ov, sar, sv):
-        return self.outputs(model, opt, ov, sar, sv)[0]
-
     def errors(self, model) -> np.ndarray:
         """Relative RMSE (px) of every deformed sample."""
         from soma_cli import train
 
         torch = self.torch
         with torch.inference_mode():
-            f0 = self._flows(model, self.opt, self.opt_valid, self.sar0, self.sar0_valid)
-            f1 = self._flows(model, self.opt[self.idx], self.opt_valid[self.idx], self.sar, self.sar_valid)
+            f0 = self.outputs(model, self.opt, self.opt_valid, self.sar0, self.sar0_valid)[0]
+            f1 = self.outputs(model, self.opt[self.idx], self.opt_valid[self.idx], self.sar, self.sar_valid)[0]
             rel = train.relative_rmse(f0[self.idx], f1, self.gt, self.opt_valid[self.idx])
         return rel.cpu().numpy().astype(np.float64)
 

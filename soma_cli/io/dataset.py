@@ -11,17 +11,16 @@ as they are; georeferencing is not needed.
 from __future__ import annotations
 
 import csv
-import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import rasterio
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import RasterioError
 
 from ..errors import DataError
+from . import open_quietly
 
 EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2")
 
@@ -108,10 +107,8 @@ def _open_both(entry: PairEntry):
     """Both rasters of a pair, opened; unreadable files and different sizes are :class:`DataError` s."""
     try:
         with ExitStack() as stack:
-            with warnings.catch_warnings():  # chip datasets (PNG, JPEG) carry no georeferencing
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                s = stack.enter_context(rasterio.open(entry.sar))
-                o = stack.enter_context(rasterio.open(entry.opt))
+            s = stack.enter_context(open_quietly(entry.sar))  # chips (PNG, JPEG) carry no georeferencing
+            o = stack.enter_context(open_quietly(entry.opt))
             if (s.height, s.width) != (o.height, o.width):
                 raise DataError(
                     f"pair {entry.name}: sizes differ (sar {s.width}x{s.height}, opt {o.width}x{o.height})"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,15 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.transform import array_bounds
+from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import calculate_default_transform, reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 from rasterio.windows import transform as window_transform
 
 from ..errors import BandError, GeoreferenceError, InputError
+from . import open_quietly
 from ..model.preprocess import resolve_bands
 
 
@@ -63,9 +64,7 @@ def open_raster(path: Path, role: str, allow_gcps: bool = False, allow_plain: bo
     if not os.access(p, os.R_OK):
         raise InputError(f"{role} file is not readable: {p}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(p)
+        ds = open_quietly(p)
     except RasterioIOError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else "unknown format"
         raise InputError(f"{role} file is not a readable raster: {p} ({msg})") from None
@@ -123,7 +122,7 @@ class GcpWarpedReader:
         else:
             self.src_nodata = None
         self.name = f"{src.name} (warped by its ground control points)"
-        self._last: Optional[tuple] = None  # (window, shape, {band: array}) of the last warp
+        self._last: Optional[tuple] = None  # ((window, shape), {band: array}) of the last window warped
 
     def close(self) -> None:
         self._last = None
@@ -144,15 +143,18 @@ class GcpWarpedReader:
             cache[band] = out
         return cache[band]
 
+    @staticmethod
+    def _shape(window: Window, out_shape) -> Tuple[int, int]:
+        return tuple(out_shape[-2:]) if out_shape is not None else (int(window.height), int(window.width))
+
     def read(self, indexes, window: Window, boundless: bool = False, out_shape=None, resampling=None) -> np.ndarray:
         bands = [indexes] if isinstance(indexes, int) else list(indexes)
-        shape = tuple(out_shape[-2:]) if out_shape is not None else (int(window.height), int(window.width))
-        data = np.stack([self._band(b, window, shape) for b in bands])
+        data = np.stack([self._band(b, window, self._shape(window, out_shape)) for b in bands])
         return data[0] if isinstance(indexes, int) else data
 
     def read_masks(self, band: int, window: Window, out_shape=None, resampling=None) -> np.ndarray:
-        shape = tuple(out_shape[-2:]) if out_shape is not None else (int(window.height), int(window.width))
-        return np.where(np.isfinite(self._band(band, window, shape)), 255, 0).astype(np.uint8)
+        valid = np.isfinite(self._band(band, window, self._shape(window, out_shape)))
+        return np.where(valid, 255, 0).astype(np.uint8)
 
 
 def georef_bounds(ds: rasterio.DatasetReader):
@@ -161,9 +163,7 @@ def georef_bounds(ds: rasterio.DatasetReader):
     if has_gcps_only(ds):
         gcps, crs = ds.gcps
         t, w, h = calculate_default_transform(crs, crs, ds.width, ds.height, gcps=gcps)
-        left, top = t * (0, 0)
-        right, bottom = t * (w, h)
-        return crs, (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
+        return crs, array_bounds(h, w, t)
     return ds.crs, tuple(ds.bounds)
 
 
@@ -251,27 +251,26 @@ def open_pair(
         ref, mov = (opt, sar) if reference == "opt" else (sar, opt)
         plain = [(role, p) for role, ds, p in (("SAR", sar, sar_path), ("optical", opt, opt_path))
                  if not_georeferenced(ds)]
-        if plain:
-            return _open_pixel_pair(sar, opt, ref, mov, plain, reference, optical_bands, sar_band, stack)
-        window = overlap_window(ref, mov)
-        same_crs = ref.crs == mov.crs
-        same_grid = same_crs and ref.transform == mov.transform and ref.shape == mov.shape
-        if has_gcps_only(mov):
-            gcp_reader = GcpWarpedReader(mov, ref.crs, ref.transform, resampling)
-            stack.callback(gcp_reader.close)
-            pair = AlignedPair(ref, mov, gcp_reader, window, reference == "opt", optical_bands, sar_band,
-                               False, False, stack)
-            check_overlap_has_data(pair)
-            return pair
-        vrt_kw = dict(crs=ref.crs, transform=ref.transform, width=ref.width, height=ref.height,
-                      resampling=resampling)
-        if mov.nodata is not None:
-            vrt_kw["src_nodata"] = mov.nodata
-            vrt_kw["nodata"] = mov.nodata
-        else:  # an alpha band marks the pixels outside the moving raster
-            vrt_kw["add_alpha"] = True
-        vrt = stack.enter_context(WarpedVRT(mov, **vrt_kw))
-        pair = AlignedPair(ref, mov, vrt, window, reference == "opt", optical_bands, sar_band,
+        if plain:  # image chips: the moving raster is read as it is
+            window = pixel_grid_window(sar, opt, plain)
+            reader, same_grid, same_crs = mov, True, False
+        else:
+            window = overlap_window(ref, mov)
+            same_crs = ref.crs == mov.crs  # False for a GCP-only raster (no CRS)
+            same_grid = same_crs and ref.transform == mov.transform and ref.shape == mov.shape
+            if has_gcps_only(mov):
+                reader = GcpWarpedReader(mov, ref.crs, ref.transform, resampling)
+                stack.callback(reader.close)
+            else:
+                vrt_kw = dict(crs=ref.crs, transform=ref.transform, width=ref.width, height=ref.height,
+                              resampling=resampling)
+                if mov.nodata is not None:
+                    vrt_kw["src_nodata"] = mov.nodata
+                    vrt_kw["nodata"] = mov.nodata
+                else:  # an alpha band marks the pixels outside the moving raster
+                    vrt_kw["add_alpha"] = True
+                reader = stack.enter_context(WarpedVRT(mov, **vrt_kw))
+        pair = AlignedPair(ref, mov, reader, window, reference == "opt", optical_bands, sar_band,
                            same_grid, same_crs, stack)
         check_overlap_has_data(pair)
         return pair
@@ -280,10 +279,11 @@ def open_pair(
         raise
 
 
-def _open_pixel_pair(sar, opt, ref, mov, plain, reference, optical_bands, sar_band, stack) -> AlignedPair:
-    """Two rasters without any georeferencing (image chips) share their pixel grid when they have
-    one size: the moving image is read as it is, and pixel (c, r) of one is pixel (c, r) of the
-    other before registration.  One georeferenced and one plain raster cannot be placed."""
+def pixel_grid_window(sar: rasterio.DatasetReader, opt: rasterio.DatasetReader, plain) -> Window:
+    """The whole image, when the rasters named in ``plain`` (``[(role, path)]``, those without any
+    georeferencing) are both of them and have one size: image chips share their pixel grid, pixel
+    (c, r) of one being pixel (c, r) of the other before registration.  One georeferenced and one
+    plain raster cannot be placed."""
     if len(plain) == 1:
         role, path = plain[0]
         raise GeoreferenceError(f"{role} raster has no CRS: {path} (the other raster is georeferenced)")
@@ -291,10 +291,7 @@ def _open_pixel_pair(sar, opt, ref, mov, plain, reference, optical_bands, sar_ba
         raise GeoreferenceError(
             f"neither raster is georeferenced and their sizes differ (SAR {sar.width}x{sar.height}, "
             f"optical {opt.width}x{opt.height}), so nothing places them on one grid")
-    pair = AlignedPair(ref, mov, mov, Window(0, 0, ref.width, ref.height), reference == "opt", optical_bands,
-                       sar_band, True, False, stack)
-    check_overlap_has_data(pair)
-    return pair
+    return Window(0, 0, opt.width, opt.height)
 
 
 def overlap_window(ref: rasterio.DatasetReader, mov: rasterio.DatasetReader) -> Window:

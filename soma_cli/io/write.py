@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.errors import RasterioError
 from rasterio.shutil import copy as rio_copy
 
 from ..errors import OutputError
+from . import open_quietly
 
 
 def check_output(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Path:
@@ -79,10 +79,7 @@ def atomic_raster(dest: Path, profile: dict, cog: bool = False,
     tmp_cog: Optional[Path] = None
     try:
         try:
-            with warnings.catch_warnings():  # outputs of non-georeferenced inputs have none either
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                dst = rasterio.open(tmp, "w", **gtiff_profile(profile))
-            with dst:
+            with open_quietly(tmp, "w", **gtiff_profile(profile)) as dst:
                 for i, d in enumerate(descriptions or (), start=1):
                     dst.set_band_description(i, d)
                 for i, u in enumerate(units or (), start=1):
@@ -126,10 +123,7 @@ def scratch_raster(folder: Path, width: int, height: int, count: int, dtype: str
         prof.pop("blockxsize")
         prof.pop("blockysize")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(tmp, "w+", **prof)
-        with ds:
+        with open_quietly(tmp, "w+", **prof) as ds:
             yield ds
     except RasterioError as exc:
         raise OutputError(f"cannot use a scratch file in {folder}: {exc}") from None
