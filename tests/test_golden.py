@@ -1,0 +1,86 @@
+"""Behaviour is pinned: the example's outputs and a small evaluate subset match values recorded
+before the 0.11 restructure (torch on one thread, as every test runs). A change that moves them on
+purpose updates the values here and says why in the commit message."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from soma_cli import evaluate as ev
+from soma_cli.pipeline import RegisterOptions, register
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+PIXELS = {
+    "aligned_soma": "b51c3803928f2b316466eed37f1e3f8d283da5ccb6706afa9a9fdf7944b5fe9c:a1351b7560e17403d13c96af98e2c97571aee234ad445b0723acc43a85e3fdfa",
+    "disp_soma": "7998a070dfc7546d64a517b375896cfaa43584cc46859d84c6ed5b41c19d6ea9",
+    "aligned_gradient": "dae6a1d3240425115476da1bc0e8a48262278f5d3fb0565c88adf42f88b39f13:2e29dcb2fbe5f40386469cf15b0a77d3660f82a8d38a041c821ff9fc6facbf07",
+    "disp_gradient": "07a3105cc9335f52d273ec3d35e931e4248befec8e1e69d0c1c57a2d21eab0b3"
+}
+
+EVALUATE_T11SLT_1PAIR_GEO = {
+    "soma": {
+        "cmr1": 0.0,
+        "cmr2": 0.0,
+        "cmr3": 0.25,
+        "cmr5": 0.25,
+        "rmse_mean": 7.107997650410448,
+        "rmse_median": 7.696765445124132,
+        "aepe": 6.004358754156229,
+        "px1": 0.04441192781922537,
+        "rel_cmr1": 1.0,
+        "rel_cmr2": 1.0,
+        "rel_cmr3": 1.0,
+        "rel_cmr5": 1.0,
+        "rel_rmse_mean": 0.6410028607325087,
+        "rel_rmse_median": 0.6266944621320244,
+        "rel_aepe": 0.4927311314701844,
+        "rel_px1": 0.88866635094427,
+        "n": 4
+    },
+    "gradient": {
+        "cmr1": 0.0,
+        "cmr2": 0.0,
+        "cmr3": 0.0,
+        "cmr5": 0.25,
+        "rmse_mean": 7.54946338417501,
+        "rmse_median": 8.608486063480346,
+        "aepe": 6.365044002335834,
+        "px1": 0.06811707552934876,
+        "rel_cmr1": 0.25,
+        "rel_cmr2": 1.0,
+        "rel_cmr3": 1.0,
+        "rel_cmr5": 1.0,
+        "rel_rmse_mean": 1.079361602660696,
+        "rel_rmse_median": 1.1482107213110238,
+        "rel_aepe": 0.7357087932218287,
+        "rel_px1": 0.7798732338429581,
+        "n": 4
+    }
+}
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("method", ["soma", "gradient"])
+def test_example_outputs_unchanged(tmp_path, method):
+    out, disp = tmp_path / "a.tif", tmp_path / "d.tif"
+    register(RegisterOptions(sar=EXAMPLES / "s1_vh.tif", opt=EXAMPLES / "s2_rgb.tif", out=out, flow_out=disp,
+                             method=method))
+    with rasterio.open(out) as s:
+        assert _sha(s.read()) + ":" + _sha(s.dataset_mask()) == PIXELS[f"aligned_{method}"]
+    with rasterio.open(disp) as s:
+        assert _sha(s.read([1, 2, 3])) == PIXELS[f"disp_{method}"]
+
+
+def test_evaluate_subset_unchanged(shared_data):
+    r = ev.run(shared_data, "geo", ["soma", "gradient"], seed=0, chip=512, limit=1, split="T11SLT")
+    for method, expected in EVALUATE_T11SLT_1PAIR_GEO.items():
+        got = r["methods"][method]
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (method, key)
