@@ -87,7 +87,7 @@ MIN_CLIP_GAIN = 0.02
 def pack(a) -> None:
     from soma_cli import evaluate as E
     from soma_cli.io.dataset import list_pairs, read_pair
-    from soma_cli.model.preprocess import optical_to_gray, select_bands
+    from soma_cli.preprocess import optical_to_gray, select_bands
 
     cols: Dict[str, list] = {k: [] for k in ("opt3", "sar", "opt_valid", "sar_valid", "pair", "index")}
     for i, entry in enumerate(list_pairs(Path(a.data_dir), [a.split])[: a.limit]):

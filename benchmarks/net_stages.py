@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soma_cli import coords
+from soma_cli.model import geometry
 from soma_cli import evaluate as E
 from soma_cli.io.dataset import list_pairs, read_pair
 from soma_cli.model import net as netmod
@@ -40,9 +40,9 @@ def stage_flows(model: netmod.SomaNet, opt, sar, opt_valid, sar_valid) -> dict:
     with torch.inference_mode():
         out = model.run(t(opt), t(sar), t(opt_valid), t(sar_valid))
     h, w = opt.shape
-    flows = {k: coords.affine_to_flow(out[k], h, w) for k in STAGES[:4]}
-    flows["flow4"] = coords.upsample_flow(out["flow4"], 4)
-    flows["flow2"] = coords.upsample_flow(out["flow2"], 2)
+    flows = {k: geometry.affine_to_flow(out[k], h, w) for k in STAGES[:4]}
+    flows["flow4"] = geometry.upsample_flow(out["flow4"], 4)
+    flows["flow2"] = geometry.upsample_flow(out["flow2"], 2)
     flows["flow"] = out["flow"]
     return {k: v[0].numpy() for k, v in flows.items()}
 

@@ -49,7 +49,7 @@ from . import coords, synth
 from . import atomic
 from .errors import ConfigError, DataError, OutputError
 from .matchers import Matcher, get_matcher
-from .model.preprocess import optical_to_gray, sar_to_log, select_bands, standardise
+from .preprocess import optical_to_gray, sar_to_log, select_bands, standardise
 
 PROTOCOL_CHOICES = ("geo", "paper", "both")
 CMR_THRESHOLDS = (1, 2, 3, 5)

@@ -24,7 +24,7 @@ from .errors import ConfigError, MatchError, OutputError
 from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.write import atomic_raster, check_output, scratch_raster
 from .matchers import Matcher, get_matcher, trust_certainty
-from .model import preprocess
+from . import preprocess
 from .stitch import FlowPrior, Strip, StripStitcher
 
 Progress = Callable[[int, int], None]

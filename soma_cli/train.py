@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from . import coords
+from .model import geometry
 from . import synth
 from .infer import resolve_device
 from .errors import ConfigError, DataError, OutputError, WeightsError
 from .model import net as netmod
-from .model import preprocess
+from . import preprocess
 
 Progress = Callable[[int, int, dict], None]
 
@@ -349,8 +350,8 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def gt_mask(gt: torch.Tensor, opt_valid: torch.Tensor, sar_valid: torch.Tensor) -> torch.Tensor:
     """Where the ground truth is usable: optical valid, and its match inside the valid SAR."""
     h, w = gt.shape[-2:]
-    sv = coords.warp(sar_valid, gt)
-    return opt_valid * coords.inside_mask(gt, h, w) * (sv > 0.99).to(gt.dtype)
+    sv = geometry.warp(sar_valid, gt)
+    return opt_valid * geometry.inside_mask(gt, h, w) * (sv > 0.99).to(gt.dtype)
 
 
 def global_target(model: netmod.SomaNet, gt: torch.Tensor, mask: torch.Tensor,
@@ -362,11 +363,11 @@ def global_target(model: netmod.SomaNet, gt: torch.Tensor, mask: torch.Tensor,
     ``k``, and the translation is the one that, after that rotation, maps the level centre where
     the ground-truth affine does."""
     b, k, n, _ = scores.shape
-    g8 = coords.downsample_flow(gt, 8)
+    g8 = geometry.downsample_flow(gt, 8)
     h8, w8 = g8.shape[-2:]
     m8 = (F.avg_pool2d(mask, 8) > 0.99).to(gt.dtype).flatten(1)
     pts = netmod.grid_points(b, h8, w8, gt.device, gt.dtype)
-    a = coords.fit_affine(pts, pts + g8.flatten(2).transpose(1, 2), m8)
+    a = geometry.fit_affine(pts, pts + g8.flatten(2).transpose(1, 2), m8)
     theta = torch.atan2(a[:, 1, 0] - a[:, 0, 1], a[:, 0, 0] + a[:, 1, 1]) * (180.0 / math.pi)
     kk = torch.round((theta + model.max_rotation) / model.rotation_step).long()
     ok = (kk >= 0) & (kk < k)
@@ -388,9 +389,9 @@ def match_ce(model: netmod.SomaNet, fo: torch.Tensor, fs: torch.Tensor, gt: torc
     """Descriptor matching loss at one level: with the SAR descriptors warped by the ground truth,
     the window correlation the network matches with (:func:`net.window_zncc`) should peak at zero
     displacement (cross-entropy)."""
-    g = coords.downsample_flow(gt, stride)
+    g = geometry.downsample_flow(gt, stride)
     m = (F.avg_pool2d(mask, stride) > 0.99).to(gt.dtype)
-    corr = netmod.window_zncc(fo, coords.warp(fs, g), r, agg) * model.log_scale[temp].exp()
+    corr = netmod.window_zncc(fo, geometry.warp(fs, g), r, agg) * model.log_scale[temp].exp()
     target = torch.full(corr[:, 0].shape, r * (2 * r + 1) + r, dtype=torch.long, device=gt.device)
     ce = F.cross_entropy(corr.float(), target, reduction="none").unsqueeze(1)
     return _masked_mean(ce, m)
@@ -402,14 +403,14 @@ def compute_loss(out: Dict[str, torch.Tensor], gt: torch.Tensor, mask: torch.Ten
     parts: Dict[str, torch.Tensor] = {}
     parts["flow"] = _masked_mean(_charb(out["flow"] - gt), mask)
     for s, key in ((2, "flow2"), (4, "flow4")):
-        g = coords.downsample_flow(gt, s)
+        g = geometry.downsample_flow(gt, s)
         m = (F.avg_pool2d(mask, s) > 0.99).to(gt.dtype)
         parts[key] = _masked_mean(_charb((out[key] - g) * s), m)
-    g8 = coords.downsample_flow(gt, 8)
+    g8 = geometry.downsample_flow(gt, 8)
     m8 = (F.avg_pool2d(mask, 8) > 0.99).to(gt.dtype)
     h8, w8 = g8.shape[-2:]
     for key in ("affine_global", "affine8", "affine4"):
-        af = coords.affine_to_flow(coords.scale_affine(out[key], 8.0), h8, w8)
+        af = geometry.affine_to_flow(geometry.scale_affine(out[key], 8.0), h8, w8)
         parts[key] = _masked_mean(_charb((af - g8) * 8.0, 1.0), m8)
     # global hypotheses: cross-entropy towards the ground-truth (rotation, translation) bin
     scores = out["global_scores"]
@@ -441,8 +442,8 @@ def _consistency_target(flow0: torch.Tensor, gt: torch.Tensor,
     """What a self-consistent flow on the deformed pair is, ``flow0`` followed by ``D`` (``gt``),
     and where that is defined (both displaced positions inside the chip, optical valid)."""
     h, w = gt.shape[-2:]
-    expected = coords.compose_flow(gt, flow0)
-    mask = opt_valid * coords.inside_mask(flow0, h, w) * coords.inside_mask(expected, h, w)
+    expected = geometry.compose_flow(gt, flow0)
+    mask = opt_valid * geometry.inside_mask(flow0, h, w) * geometry.inside_mask(expected, h, w)
     return expected, mask
 
 

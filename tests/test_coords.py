@@ -5,6 +5,7 @@ import torch
 from affine import Affine
 
 from soma_cli import coords, synth
+from soma_cli.model import geometry
 
 
 def test_pixel_norm_round_trip_and_edges():
@@ -29,7 +30,7 @@ def test_torch_and_numpy_warps_agree_and_follow_the_flow_convention():
     img = rng.random((40, 50)).astype(np.float32)
     flow = rng.uniform(-3, 3, (2, 40, 50)).astype(np.float32)
     a = coords.warp_np(img, flow, order=1, cval=0)
-    b = coords.warp(torch.from_numpy(img)[None, None], torch.from_numpy(flow)[None])[0, 0].numpy()
+    b = geometry.warp(torch.from_numpy(img)[None, None], torch.from_numpy(flow)[None])[0, 0].numpy()
     m = coords.inside_mask_np(flow, 40, 50)
     assert np.abs(a - b)[m].max() < 1e-4
     # convention: out(c, r) = img(c + dx, r + dy); a shift of exactly (+2, +1) moves content back
@@ -41,11 +42,11 @@ def test_torch_and_numpy_warps_agree_and_follow_the_flow_convention():
 def test_upsampled_flow_is_rescaled_and_matches_the_level_affine():
     a = torch.tensor([[[0.99, -0.05, 7.3], [0.04, 1.01, -2.2]]], dtype=torch.float64)
     for s in (2, 4, 8):
-        lvl = coords.affine_to_flow(coords.scale_affine(a, float(s)), 128 // s, 128 // s)
-        up = coords.upsample_flow(lvl, s)
-        full = coords.affine_to_flow(a, 128, 128)
+        lvl = geometry.affine_to_flow(geometry.scale_affine(a, float(s)), 128 // s, 128 // s)
+        up = geometry.upsample_flow(lvl, s)
+        full = geometry.affine_to_flow(a, 128, 128)
         assert (up - full)[..., s:-s, s:-s].abs().max() < 1e-9
-        np.testing.assert_allclose(coords.scale_affine_np(a[0].numpy(), s), coords.scale_affine(a, float(s))[0].numpy())
+        np.testing.assert_allclose(coords.scale_affine_np(a[0].numpy(), s), geometry.scale_affine(a, float(s))[0].numpy())
 
 
 def test_subsample_and_densify_round_trip():
@@ -54,13 +55,13 @@ def test_subsample_and_densify_round_trip():
     h, w = 37, 50
     yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
     field = torch.stack([0.3 * xx - 0.1 * yy + 2.0, 0.05 * xx + 0.2 * yy], 0).unsqueeze(0)
-    assert torch.equal(coords.subsample(field, 1), field)
-    assert torch.equal(coords.densify(field, 1, h, w), field)
+    assert torch.equal(geometry.subsample(field, 1), field)
+    assert torch.equal(geometry.densify(field, 1, h, w), field)
     for step in (2, 3, 4):
         o = step // 2
-        s = coords.subsample(field, step)
+        s = geometry.subsample(field, step)
         assert s[0, 0, 1, 2].item() == field[0, 0, step + o, 2 * step + o].item()
-        back = coords.densify(s, step, h, w)
+        back = geometry.densify(s, step, h, w)
         last_r = o + step * (s.shape[-2] - 1)
         last_c = o + step * (s.shape[-1] - 1)
         inner = (slice(None), slice(None), slice(o, last_r + 1), slice(o, last_c + 1))
@@ -77,7 +78,7 @@ def test_affine_composition_order():
     ph = np.vstack([p, np.ones(5)])
     expected = a @ np.vstack([b @ ph, np.ones(5)])  # b first, then a
     np.testing.assert_allclose(coords.compose_affine_np(a, b) @ ph, expected)
-    t = coords.compose_affine(torch.tensor(a)[None], torch.tensor(b)[None])[0].numpy()
+    t = geometry.compose_affine(torch.tensor(a)[None], torch.tensor(b)[None])[0].numpy()
     np.testing.assert_allclose(t, coords.compose_affine_np(a, b))
 
 
@@ -92,7 +93,7 @@ def test_flow_inverse_and_composition_round_trip():
     zero = coords.compose_flow_np(g, f)
     assert np.abs(zero)[:, 10:-10, 10:-10].max() < 0.05
     # the torch twin gives the same composition, edges included
-    tz = coords.compose_flow(torch.from_numpy(g)[None], torch.from_numpy(f)[None])[0].numpy()
+    tz = geometry.compose_flow(torch.from_numpy(g)[None], torch.from_numpy(f)[None])[0].numpy()
     np.testing.assert_allclose(tz, zero, atol=1e-4)
 
 
@@ -103,12 +104,12 @@ def test_affine_after_flow_is_the_exact_composition():
     a = torch.tensor([[[0.98, -0.17, 12.0], [0.17, 0.98, -7.5]]], dtype=torch.float64)
     d = synth.draw(np.random.default_rng(5), 96, 96, synth.DeformParams(local_px=3))
     f = torch.from_numpy(d.forward()).double()[None]
-    out = coords.affine_after_flow(a, f)
-    q = coords.base_grid(1, 96, 96, f.device, f.dtype)
+    out = geometry.affine_after_flow(a, f)
+    q = geometry.base_grid(1, 96, 96, f.device, f.dtype)
     p = q + f
     expected = torch.einsum("bij,bjhw->bihw", a[:, :, :2], p) + a[:, :, 2].view(1, 2, 1, 1) - q
     torch.testing.assert_close(out, expected)
-    via_flow = coords.compose_flow(coords.affine_to_flow(a, 96, 96), f)
+    via_flow = geometry.compose_flow(geometry.affine_to_flow(a, 96, 96), f)
     torch.testing.assert_close(out[..., 8:-8, 8:-8], via_flow[..., 8:-8, 8:-8], atol=1e-6, rtol=0)
 
 
@@ -128,7 +129,7 @@ def test_weighted_affine_fit_is_robust_to_outliers():
     assert stats["inliers"] < 0.99
     pts = torch.tensor(np.random.default_rng(3).uniform(0, 50, (1, 40, 2)))
     tgt = torch.bmm(pts, torch.tensor(a[:, :2]).T[None]) + torch.tensor(a[:, 2])
-    np.testing.assert_allclose(coords.fit_affine(pts, tgt, torch.ones(1, 40, dtype=torch.float64))[0].numpy(), a, atol=2e-3)
+    np.testing.assert_allclose(geometry.fit_affine(pts, tgt, torch.ones(1, 40, dtype=torch.float64))[0].numpy(), a, atol=2e-3)
 
 
 def test_weighted_similarity_fit_recovers_a_similarity_and_drops_shear():
@@ -137,10 +138,10 @@ def test_weighted_similarity_fit_recovers_a_similarity_and_drops_shear():
     pts = torch.tensor(np.random.default_rng(4).uniform(0, 512, (1, 200, 2)))
     w = torch.ones(1, 200, dtype=torch.float64)
     tgt = torch.bmm(pts, torch.tensor(a[:, :2]).T[None]) + torch.tensor(a[:, 2])
-    np.testing.assert_allclose(coords.fit_similarity(pts, tgt, w)[0].numpy(), a, atol=2e-3)
+    np.testing.assert_allclose(geometry.fit_similarity(pts, tgt, w)[0].numpy(), a, atol=2e-3)
     sheared = tgt.clone()
     c = pts.mean(1, keepdim=True)  # a symmetric shear about the centroid: no similarity part
     sheared[..., 0] += 0.02 * (pts[..., 1] - c[..., 1])
     sheared[..., 1] += 0.02 * (pts[..., 0] - c[..., 0])
-    np.testing.assert_allclose(coords.fit_similarity(pts, sheared, w)[0, :, :2].numpy(), a[:, :2], atol=5e-3)
-    assert np.abs(coords.fit_affine(pts, sheared, w)[0, :, :2].numpy() - a[:, :2]).max() > 0.015
+    np.testing.assert_allclose(geometry.fit_similarity(pts, sheared, w)[0, :, :2].numpy(), a[:, :2], atol=5e-3)
+    assert np.abs(geometry.fit_affine(pts, sheared, w)[0, :, :2].numpy() - a[:, :2]).max() > 0.015

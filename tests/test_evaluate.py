@@ -252,7 +252,7 @@ def test_gefolki_missing_is_a_clear_config_error(monkeypatch):
 def test_gefolki_recovers_a_shift_between_identical_modalities():
     pytest.importorskip("gefolki")
     from soma_cli.matchers.gefolki import GefolkiMatcher
-    from soma_cli.model.preprocess import standardise
+    from soma_cli.preprocess import standardise
 
     img = _texture(np.random.default_rng(1), 128, 128, sigma=3.0).astype(np.float32)
     flow = np.zeros((2, 128, 128), np.float32)
@@ -336,7 +336,7 @@ def test_real_pair_identity_geo(shared_data):
 def test_base_chip_matches_base_chips_and_rejects_mostly_invalid_windows(tmp_path):
     """``base_chip`` (one window, as benchmarks/knob_sweep.py rebuilds chips on a GPU machine) gives
     what ``base_chips`` gives for that window, and None under half valid."""
-    from soma_cli.model.preprocess import optical_to_gray, select_bands
+    from soma_cli.preprocess import optical_to_gray, select_bands
 
     data = make_dataset(tmp_path / "d", n=1, size=128)
     arr = read_pair(list_pairs(data)[0])

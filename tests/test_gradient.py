@@ -9,7 +9,7 @@ from scipy import ndimage
 from soma_cli import coords, synth
 from soma_cli.matchers import get_matcher
 from soma_cli.matchers.gradient import GradientMatcher, descriptor
-from soma_cli.model import preprocess as pp
+from soma_cli import preprocess as pp
 
 CROP = 384
 MARGIN = 40  # interior used for the accuracy checks

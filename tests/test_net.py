@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soma_cli import coords, infer
+from soma_cli import infer
+from soma_cli.model import geometry
 from soma_cli.errors import WeightsError
 from soma_cli.model import loader, net
 
@@ -131,7 +132,7 @@ def test_window_zncc_is_bounded_and_scores_zero_without_a_window():
                 assert (z[:, c, :, -1] == -1).all()  # right of the last column
     assert (z[1, :, r:-r, r:12 - k // 2 - r] == 0).all()  # every shifted window flat, inside
     sparse = net.window_zncc(a, b, r, k, 4)
-    assert torch.equal(sparse, coords.subsample(z, 4))
+    assert torch.equal(sparse, geometry.subsample(z, 4))
 
 
 def test_sub_pixel_fits_parabola_and_equiangular():
@@ -154,7 +155,7 @@ def test_sub_pixel_fits_parabola_and_equiangular():
 
 
 def test_strided_window_zncc_equals_the_dense_one_subsampled():
-    """window_zncc with a step scores exactly the positions coords.subsample keeps, whatever the
+    """window_zncc with a step scores exactly the positions geometry.subsample keeps, whatever the
     image size, and the Encoder's coarse-only pass gives the same 1/8 descriptor as the full one."""
     g = torch.Generator().manual_seed(3)
     for h, w in ((40, 40), (45, 62)):
@@ -163,7 +164,7 @@ def test_strided_window_zncc_equals_the_dense_one_subsampled():
         full = net.window_zncc(a, b, 2, 9)
         for step in (2, 3, 4):
             sparse = net.window_zncc(a, b, 2, 9, step)
-            ref = coords.subsample(full, step)
+            ref = geometry.subsample(full, step)
             assert sparse.shape == ref.shape == (1, 25, len(range(step // 2, h, step)), len(range(step // 2, w, step)))
             assert torch.allclose(sparse, ref, atol=1e-12), (h, w, step)
     torch.manual_seed(0)
@@ -243,13 +244,13 @@ def test_untrained_net_recovers_rotation_and_shift(rewarp):
     a = torch.tensor([[[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]]])
     a[0, 0, 2] = c - (math.cos(t) * c - math.sin(t) * c) + 9.3
     a[0, 1, 2] = c - (math.sin(t) * c + math.cos(t) * c) - 5.6
-    from soma_cli import coords
+    from soma_cli.model import geometry
 
     x = torch.from_numpy(img)[None, None]
-    gt = coords.affine_to_flow(a, 256, 256)
+    gt = geometry.affine_to_flow(a, 256, 256)
     # moving image: opt(q) = sar(q + gt(q)), i.e. sar = opt warped by the inverse affine
     inv = torch.linalg.inv(torch.cat([a[0], torch.tensor([[0.0, 0.0, 1.0]])]))[:2].unsqueeze(0)
-    sar = coords.warp(x, coords.affine_to_flow(inv, 256, 256))
+    sar = geometry.warp(x, geometry.affine_to_flow(inv, 256, 256))
     with torch.inference_mode():
         flow, _ = m(x, sar)
     err = (flow - gt)[0, :, 48:-48, 48:-48].norm(dim=0)
@@ -301,7 +302,7 @@ def test_affine_blend_keeps_certain_flow_and_fills_the_rest_with_its_affine(mode
     replaced by the surrounding affine to well under 0.01 px; in between it is the convex mix."""
     h = w = 128
     a = torch.tensor([[[math.cos(0.1), -math.sin(0.1), 3.0], [math.sin(0.1), math.cos(0.1), -2.5]]])
-    aff = coords.affine_to_flow(a, h, w)
+    aff = geometry.affine_to_flow(a, h, w)
     flow = aff.clone()
     flow[:, :, 40:60, 40:60] += torch.tensor([7.0, -4.0]).view(1, 2, 1, 1)  # a blunder
     cert = torch.ones(1, 1, h, w)

@@ -220,14 +220,14 @@ def test_consistency_loss_and_relative_rmse():
     """The self-consistency loss is ~0 when the deformed-pair flow is the undeformed-pair flow
     followed by the deformation, whatever that undeformed flow is (the pair's own residual), and
     grows with a violation; relative_rmse measures the same per chip."""
-    from soma_cli import coords
+    from soma_cli.model import geometry
 
     h = w = 64
-    g = coords.base_grid(1, h, w, torch.device("cpu"), torch.float32)
+    g = geometry.base_grid(1, h, w, torch.device("cpu"), torch.float32)
     gt = torch.stack([0.05 * (g[:, 1] - 32), -0.03 * (g[:, 0] - 32) + 1.5], 1)  # a smooth deformation
     f0 = torch.stack([torch.full((1, h, w), 2.0), 0.02 * (g[:, 0] - 32)], 1)  # a residual of its own
     valid = torch.ones(1, 1, h, w)
-    f1 = f0 + coords.warp(gt, f0)
+    f1 = f0 + geometry.warp(gt, f0)
     assert float(train.consistency_loss(f0, f1, gt, valid)) < 0.11  # Charbonnier floor eps = 0.1
     assert float(train.relative_rmse(f0, f1, gt, valid)[0]) < 1e-4
     bad = f1 + torch.tensor([0.0, 3.0]).view(1, 2, 1, 1)
@@ -249,8 +249,8 @@ def test_make_sample_carries_the_undeformed_sar():
     assert s["sar0"].shape == s["sar"].shape == (1, 96, 96) and s["sar0_valid"].all()
     # gt: optical (= undeformed SAR) pixel q matches the deformed SAR at q + gt(q), with the same
     # speckle: sampling the deformed SAR there gives the undeformed one back (interior)
-    from soma_cli import coords
+    from soma_cli.model import geometry
 
-    back = coords.warp(torch.from_numpy(s["sar"])[None], torch.from_numpy(s["gt"])[None])[0, 0].numpy()
+    back = geometry.warp(torch.from_numpy(s["sar"])[None], torch.from_numpy(s["gt"])[None])[0, 0].numpy()
     inner = (slice(20, -20), slice(20, -20))
     assert np.corrcoef(back[inner].ravel(), s["sar0"][0][inner].ravel())[0, 1] > 0.95

@@ -32,7 +32,7 @@ from rasterio.windows import transform as window_transform
 
 from ..errors import BandError, GeoreferenceError, InputError
 from . import open_quietly
-from ..model.preprocess import resolve_bands
+from ..preprocess import resolve_bands
 
 
 def gdal_env(cache_mb: int = 256) -> rasterio.Env:

@@ -4,7 +4,7 @@ The contract (RoMa-style: images in, warp and certainty out)::
 
     flow, certainty = matcher.match(opt, sar, opt_valid, sar_valid)
 
-    opt, sar          float32 (B, H, W), standardised by model.preprocess.standardise; the SAR tile is
+    opt, sar          float32 (B, H, W), standardised by preprocess.standardise; the SAR tile is
                       already resampled onto the optical tile's grid (same H, W) but misaligned.
     opt_valid, ...    bool (B, H, W) or None.
     flow              float32 (B, 2, H, W) on the OPTICAL grid, coords.py convention: optical pixel

@@ -1,1 +1,1 @@
-"""Torch side of SOMA: the network, its preprocessing and the TorchScript loader (no rasterio)."""
+"""Torch side of SOMA: the network, the TorchScript loader and export (no rasterio)."""

@@ -5,7 +5,7 @@ Contract (RoMa-like)::
 
     flow, certainty = net(opt, sar, opt_valid=None, sar_valid=None)
 
-``opt``/``sar`` are ``(B, 1, H, W)`` float32 standardised tiles (:mod:`soma_cli.model.preprocess`),
+``opt``/``sar`` are ``(B, 1, H, W)`` float32 standardised tiles (:mod:`soma_cli.preprocess`),
 ``H``/``W`` multiples of :data:`TILE_MULTIPLE`; ``flow`` is ``(B, 2, H, W)`` in pixels on the optical
 grid (:mod:`soma_cli.coords` convention: optical pixel ``q`` matches the SAR at ``q + flow(q)``) and
 ``certainty`` ``(B, 1, H, W)`` in ``[0, 1]``.  :meth:`SomaNet.run` returns every intermediate (per
@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import coords
+from . import geometry
 
 TILE_MULTIPLE = 32
 # the certainty calibration's supports are scaled by this before their weights (SomaNet.cert_w), so
@@ -242,12 +242,12 @@ class Encoder(nn.Module):
 
 def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1) -> torch.Tensor:
     """``(B, (2r+1)^2, H', W')``: ``<f1(q), f2(q + (dx, dy))>`` for ``dy, dx`` in ``[-r, r]`` (dy outer),
-    at the positions ``q`` of :func:`coords.subsample` (all of them when ``step`` is 1)."""
+    at the positions ``q`` of :func:`geometry.subsample` (all of them when ``step`` is 1)."""
     h = f1.shape[-2]
     w = f1.shape[-1]
-    o = step // 2  # coords.subsample's first position, on the channels-last layout below
+    o = step // 2  # geometry.subsample's first position, on the channels-last layout below
     # channels last: the per-shift channel sums run over contiguous memory (twice as fast on a CPU)
-    a = coords.subsample(f1, step).permute(0, 2, 3, 1).contiguous()
+    a = geometry.subsample(f1, step).permute(0, 2, 3, 1).contiguous()
     f2p = F.pad(f2, [r, r, r, r]).permute(0, 2, 3, 1).contiguous()
     out: List[torch.Tensor] = []
     for dy in range(2 * r + 1):
@@ -258,14 +258,14 @@ def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1) -> tor
 
 def shifted(x: torch.Tensor, r: int, step: int = 1) -> torch.Tensor:
     """``(B, (2r+1)^2, H', W')``: the one-channel ``x`` read at ``q + (dx, dy)`` for ``dy, dx`` in
-    ``[-r, r]`` (zero outside; the channel order of :func:`local_corr`), ``q`` as in :func:`coords.subsample`."""
+    ``[-r, r]`` (zero outside; the channel order of :func:`local_corr`), ``q`` as in :func:`geometry.subsample`."""
     h = x.shape[-2]
     w = x.shape[-1]
     xp = F.pad(x, [r, r, r, r])
     out: List[torch.Tensor] = []
     for dy in range(2 * r + 1):
         for dx in range(2 * r + 1):
-            out.append(coords.subsample(xp[:, :, dy:dy + h, dx:dx + w], step))
+            out.append(geometry.subsample(xp[:, :, dy:dy + h, dx:dx + w], step))
     return torch.cat(out, 1)
 
 
@@ -276,7 +276,7 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 
     the window ZNCC of CFOG-like matchers, so a texture common to the whole window (speckle, a
     dominant orientation) does not lift every shift alike.  Values are in ``[-1, 1]``; a window
     without variance scores 0, a shift whose window centre ``q + d`` lies outside the image -1.
-    With ``step`` > 1 only the window centres ``q`` of :func:`coords.subsample` are scored (the
+    With ``step`` > 1 only the window centres ``q`` of :func:`geometry.subsample` are scored (the
     same values, for less work where wide windows overlap).
 
     Computed from box filters: ``sum(f1 f2) - <mean f1, mean f2>`` over the window, divided by the
@@ -297,7 +297,7 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 
     # a window without variance has no correlation: it scores 0 (not num / eps, which reached |z| of
     # thousands along the borders, where shifted() reads zero variance); a shift whose window centre
     # lies outside the image is no candidate: -1; rounding in the box sums can push |z| past 1: clamped
-    vv = coords.subsample(v1, step) * shifted(v2, r, step)
+    vv = geometry.subsample(v1, step) * shifted(v2, r, step)
     ok = vv > 1e-6
     z = num / torch.sqrt(torch.where(ok, vv, torch.ones_like(vv)))
     z = torch.where(ok, z, torch.zeros_like(z)).clamp(-1.0, 1.0)
@@ -315,20 +315,20 @@ def l2n(x: torch.Tensor) -> torch.Tensor:
 
 def irls_affine(pts: torch.Tensor, tgt: torch.Tensor, w: torch.Tensor, k: float, iters: int,
                 similarity: bool = False) -> torch.Tensor:
-    """Weighted affine fit (coords.fit_affine, or with ``similarity`` coords.fit_similarity) with
+    """Weighted affine fit (geometry.fit_affine, or with ``similarity`` geometry.fit_similarity) with
     Cauchy IRLS re-weighting (scale ``k`` px)."""
-    a = coords.fit_similarity(pts, tgt, w) if similarity else coords.fit_affine(pts, tgt, w)
+    a = geometry.fit_similarity(pts, tgt, w) if similarity else geometry.fit_affine(pts, tgt, w)
     for _ in range(iters):
-        res2 = ((coords.affine_points(a, pts) - tgt) ** 2).sum(-1)
+        res2 = ((geometry.affine_points(a, pts) - tgt) ** 2).sum(-1)
         wr = w / (1.0 + res2 / (k * k))
-        a = coords.fit_similarity(pts, tgt, wr) if similarity else coords.fit_affine(pts, tgt, wr)
+        a = geometry.fit_similarity(pts, tgt, wr) if similarity else geometry.fit_affine(pts, tgt, wr)
     return a
 
 
 def grid_points(b: int, h: int, w: int, device: torch.device, dtype: torch.dtype, step: int = 1) -> torch.Tensor:
     """``(b, N, 2)`` pixel-centre coordinates (x, y) of a level grid, at the positions of
-    :func:`coords.subsample` (all ``h*w`` of them when ``step`` is 1)."""
-    return coords.subsample(coords.base_grid(b, h, w, device, dtype), step).flatten(2).transpose(1, 2)
+    :func:`geometry.subsample` (all ``h*w`` of them when ``step`` is 1)."""
+    return geometry.subsample(geometry.base_grid(b, h, w, device, dtype), step).flatten(2).transpose(1, 2)
 
 
 def peak_subpixel(corr: torch.Tensor, r: int, cone: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -555,9 +555,9 @@ class SomaNet(nn.Module):
         k = self.n_rotations()
         r = self.global_radius(h, w)
         rot = self.rotation_affines(b, h, w, mo.device, mo.dtype)
-        fl = coords.affine_to_flow(rot, h, w)
-        msr = coords.warp(ms.repeat_interleave(k, 0), fl)
-        vsr = (coords.warp(vs.repeat_interleave(k, 0), fl) > 0.99).to(mo.dtype)
+        fl = geometry.affine_to_flow(rot, h, w)
+        msr = geometry.warp(ms.repeat_interleave(k, 0), fl)
+        vsr = (geometry.warp(vs.repeat_interleave(k, 0), fl) > 0.99).to(mo.dtype)
         mor = (mo * vo).repeat_interleave(k, 0)
         vor = vo.repeat_interleave(k, 0)
         num = xcorr_shifts(mor, msr * vsr, r)
@@ -576,7 +576,7 @@ class SomaNet(nn.Module):
         d = peak_subpixel(sel.reshape(b * nc, n * n, 1, 1), r, self.cone_fit)[0].view(b * nc, 2)
         rsel = torch.gather(rot.view(b, k, 6), 1, kb.unsqueeze(-1).expand(b, nc, 6)).view(b * nc, 2, 3)
         eye = torch.eye(2, device=mo.device, dtype=mo.dtype).unsqueeze(0).expand(b * nc, 2, 2)
-        cands = coords.compose_affine(rsel, torch.cat([eye, d.unsqueeze(-1)], -1))
+        cands = geometry.compose_affine(rsel, torch.cat([eye, d.unsqueeze(-1)], -1))
         if nc == 1:
             return cands, logits
         return self.verify(mo, ms, vo, vs, cands.view(b, nc, 2, 3)), logits
@@ -591,15 +591,15 @@ class SomaNet(nn.Module):
         h = mo.shape[-2]
         w = mo.shape[-1]
         a = cands.reshape(b * nc, 2, 3)
-        fl = coords.affine_to_flow(a, h, w)
-        vsw = (coords.warp(vs.repeat_interleave(nc, 0), fl) > 0.99).to(mo.dtype)
+        fl = geometry.affine_to_flow(a, h, w)
+        vsw = (geometry.warp(vs.repeat_interleave(nc, 0), fl) > 0.99).to(mo.dtype)
         mor = mo.repeat_interleave(nc, 0)
         _, disp, conf, inside = self.match_local(mor, ms.repeat_interleave(nc, 0), fl, self.r_aff8, self.agg8, 1, self.cone_fit)
         wt = conf * vo.repeat_interleave(nc, 0) * vsw * inside
         pts = grid_points(b * nc, h, w, mo.device, mo.dtype)
         tgt = pts + disp.flatten(2).transpose(1, 2)
         upd = irls_affine(pts, tgt, wt.flatten(1), self.aff_k, 3, self.aff_similarity)
-        near = (((coords.affine_points(upd, pts) - tgt) ** 2).sum(-1) < 1.0).to(mo.dtype)
+        near = (((geometry.affine_points(upd, pts) - tgt) ** 2).sum(-1) < 1.0).to(mo.dtype)
         support = (wt.flatten(1) * near).sum(1).view(b, nc)
         best = support.argmax(1)
         return cands[torch.arange(b, device=mo.device), best]
@@ -608,26 +608,26 @@ class SomaNet(nn.Module):
                     temp: int, cone: bool, step: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Warp ``ms`` by ``flow`` (level pixels), aggregated local correlation with ``mo``;
         returns (aggregated correlation, sub-pixel displacement, peak confidence, warped SAR validity),
-        at every ``step``-th position (:func:`coords.subsample`)."""
-        fsw = coords.warp(ms, flow)
+        at every ``step``-th position (:func:`geometry.subsample`)."""
+        fsw = geometry.warp(ms, flow)
         corr = window_zncc(mo, fsw, r, agg, step)
         disp, interior = peak_subpixel(corr, r, cone)
         conf = torch.softmax(corr * self.log_scale[temp].exp(), 1).amax(1, keepdim=True) * interior
-        return corr, disp, conf, coords.subsample(coords.inside_mask(flow, mo.shape[-2], mo.shape[-1]), step)
+        return corr, disp, conf, geometry.subsample(geometry.inside_mask(flow, mo.shape[-2], mo.shape[-1]), step)
 
     def refine_affine(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, a_full: torch.Tensor,
                       stride: int, agg: int, temp: int, r: int, step: int = 1) -> torch.Tensor:
         """One affine refinement at ``stride`` with search radius ``r`` (cells), from the windows
         centred on every ``step``-th level position; returns the updated full-resolution affine."""
         b, c, h, w = mo.shape
-        a_lvl = coords.scale_affine(a_full, float(stride))
-        fl = coords.affine_to_flow(a_lvl, h, w).detach()
+        a_lvl = geometry.scale_affine(a_full, float(stride))
+        fl = geometry.affine_to_flow(a_lvl, h, w).detach()
         _, disp, conf, inside = self.match_local(mo, ms, fl, r, agg, temp, self.cone_fit, step)
         pts = grid_points(b, h, w, mo.device, mo.dtype, step)
         tgt = pts + disp.flatten(2).transpose(1, 2)
-        upd = irls_affine(pts, tgt, (conf * coords.subsample(vo, step) * inside).flatten(1), self.aff_k, 3,
+        upd = irls_affine(pts, tgt, (conf * geometry.subsample(vo, step) * inside).flatten(1), self.aff_k, 3,
                           self.aff_similarity and stride == 8)
-        return coords.scale_affine(coords.compose_affine(a_lvl, upd), 1.0 / float(stride))
+        return geometry.scale_affine(geometry.compose_affine(a_lvl, upd), 1.0 / float(stride))
 
     def dense_input(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, flow: torch.Tensor,
                     r: int, agg: int, smooth: int, temp: int,
@@ -635,21 +635,21 @@ class SomaNet(nn.Module):
         """Dense refinement of a level flow: aggregated correlation peaks, then a robust consensus
         (confidence-weighted window means with Cauchy re-weighting, shrunk towards no update where
         the support is weak); returns (head input, refined base flow).  With ``step`` > 1 the peaks
-        and the consensus are computed at every ``step``-th position (:func:`coords.subsample`,
-        consensus window ``smooth / step`` samples) and interpolated back (:func:`coords.densify`):
+        and the consensus are computed at every ``step``-th position (:func:`geometry.subsample`,
+        consensus window ``smooth / step`` samples) and interpolated back (:func:`geometry.densify`):
         the consensus is a mean over ``smooth`` pixels, so it is as smooth as the samples allow."""
         flow = flow.detach()
         h = mo.shape[-2]
         w = mo.shape[-1]
         corr, disp, conf, inside = self.match_local(mo, ms, flow, r, agg, temp, cone, step)
-        wt = conf * coords.subsample(vo, step) * inside
+        wt = conf * geometry.subsample(vo, step) * inside
         k = (smooth // step) | 1
         disp_s, sup = norm_conv(disp, wt, k, self.edge_support)
         for _ in range(2):
             res2 = ((disp - disp_s) ** 2).sum(1, keepdim=True)
             disp_s, sup = norm_conv(disp, wt / (1.0 + res2), k, self.edge_support)
         disp_s = disp_s * (sup / (sup + self.shrink))
-        x = coords.densify(torch.cat([disp, disp_s, conf, sup], 1), step, h, w)
+        x = geometry.densify(torch.cat([disp, disp_s, conf, sup], 1), step, h, w)
         if prev_logit is not None:
             x = torch.cat([x, prev_logit], 1)
         return x, flow + x[:, 2:4]  # channels 2:4 of x: the consensus, at every position
@@ -669,9 +669,9 @@ class SomaNet(nn.Module):
         descriptors at strides 1, 2, 4, 8, and the matching weights at those strides (both images
         valid and :attr:`border_margin` px away from their borders, where zero padding and the
         coverage edge of the resampled SAR make gradients that the other image lacks)."""
-        fl = coords.affine_to_flow(a, sar.shape[-2], sar.shape[-1]).detach()
-        vsw = (coords.warp(vs, fl) > 0.99).to(vs.dtype)
-        msw = [l2n(f) for f in self.enc_sar(coords.warp(sar * vs, fl, "bicubic") * vsw)]
+        fl = geometry.affine_to_flow(a, sar.shape[-2], sar.shape[-1]).detach()
+        vsw = (geometry.warp(vs, fl) > 0.99).to(vs.dtype)
+        msw = [l2n(f) for f in self.enc_sar(geometry.warp(sar * vs, fl, "bicubic") * vsw)]
         m = self.border_margin
         bad = 1.0 - vo * vsw
         vb = 1.0 - F.max_pool2d(F.max_pool2d(bad, [1, 2 * m + 1], 1, [0, m]), [2 * m + 1, 1], 1, [m, 0])
@@ -710,47 +710,47 @@ class SomaNet(nn.Module):
 
         # (1) global affine at stride 8
         a8, scores = self.global_affine(mo[3], ms8, vo8, vs8)
-        a_g = coords.scale_affine(a8, 1.0 / 8.0)
+        a_g = geometry.scale_affine(a8, 1.0 / 8.0)
         out["global_scores"] = scores
         out["affine_global"] = a_g
         # re-encode the SAR resampled by the global affine; the later stages estimate what remains
         # (a_rel, then a relative flow) and their outputs are composed with the global affine
         msw, vl = self.reencode_sar(sar, vs, vo, a_g)
         # (2) affine refinement at stride 8, 4 and 2 (the 1/2 stage shares the 1/4 temperature)
-        a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
+        a_rel = geometry.identity_affine(opt.shape[0], opt.device, opt.dtype)
         for _ in range(self.n_aff8):
             a_rel = self.refine_affine(mo[3], msw[3], vl[3], a_rel, 8, self.agg8, 1, self.r_aff8)
-        out["affine8"] = coords.compose_affine(a_g, a_rel)
+        out["affine8"] = geometry.compose_affine(a_g, a_rel)
         for _ in range(self.n_aff4):
             a_rel = self.refine_affine(mo[2], msw[2], vl[2], a_rel, 4, self.agg4, 2, self.r_aff)
-        out["affine4"] = coords.compose_affine(a_g, a_rel)
+        out["affine4"] = geometry.compose_affine(a_g, a_rel)
         for _ in range(self.n_aff2):
             a_rel = self.refine_affine(mo[1], msw[1], vl[1], a_rel, 2, self.agg2, 2, self.r_aff, self.aff_step2)
-        out["affine2"] = coords.compose_affine(a_g, a_rel)
+        out["affine2"] = geometry.compose_affine(a_g, a_rel)
         if self.rewarp:
             a_g = out["affine2"]
-            a_rel = coords.identity_affine(opt.shape[0], opt.device, opt.dtype)
+            a_rel = geometry.identity_affine(opt.shape[0], opt.device, opt.dtype)
             msw, vl = self.reencode_sar(sar, vs, vo, a_g)
         # (3) dense flow at stride 4, 2, then full resolution
         h4 = mo[2].shape[-2]
         w4 = mo[2].shape[-1]
-        fl4 = coords.affine_to_flow(coords.scale_affine(a_rel, 4.0), h4, w4)
+        fl4 = geometry.affine_to_flow(geometry.scale_affine(a_rel, 4.0), h4, w4)
         x, base = self.dense_input(mo[2], msw[2], vl[2], fl4, self.r4, self.aggd4, self.smooth4, 3, None, self.cone_fit)
         sup4 = F.interpolate(x[:, 5:6].detach(), scale_factor=4.0, mode="bilinear", align_corners=False)
         fl4, lg4 = self.dense_output(self.head4(x), base, None)
-        out["flow4"] = coords.affine_after_flow(coords.scale_affine(a_g, 4.0), fl4)
+        out["flow4"] = geometry.affine_after_flow(geometry.scale_affine(a_g, 4.0), fl4)
         out["logit4"] = lg4
         lg2 = F.interpolate(lg4, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x, base = self.dense_input(mo[1], msw[1], vl[1], coords.upsample_flow(fl4, 2), self.r2, self.aggd2, self.smooth2, 4, lg2, self.cone_fit, self.dense_step2)
+        x, base = self.dense_input(mo[1], msw[1], vl[1], geometry.upsample_flow(fl4, 2), self.r2, self.aggd2, self.smooth2, 4, lg2, self.cone_fit, self.dense_step2)
         sup2 = F.interpolate(x[:, 5:6].detach(), scale_factor=2.0, mode="bilinear", align_corners=False)
         fl2, lg2 = self.dense_output(self.head2(x), base, lg2)
-        out["flow2"] = coords.affine_after_flow(coords.scale_affine(a_g, 2.0), fl2)
+        out["flow2"] = geometry.affine_after_flow(geometry.scale_affine(a_g, 2.0), fl2)
         out["logit2"] = lg2
         lg1 = F.interpolate(lg2, scale_factor=2.0, mode="bilinear", align_corners=False)
-        x, base = self.dense_input(mo[0], msw[0], vl[0], coords.upsample_flow(fl2, 2), self.r1, self.aggd1, self.smooth1, 5, lg1, False, self.dense_step1)
+        x, base = self.dense_input(mo[0], msw[0], vl[0], geometry.upsample_flow(fl2, 2), self.r1, self.aggd1, self.smooth1, 5, lg1, False, self.dense_step1)
         sup1 = x[:, 5:6].detach()
         fl1, lg1 = self.dense_output(self.head1(x), base, lg1)
-        out["flow"] = coords.affine_after_flow(a_g, fl1)
+        out["flow"] = geometry.affine_after_flow(a_g, fl1)
         out["logit"] = lg1 + self.certainty_calibration(sup4, sup2, sup1)
         return out
 
@@ -766,11 +766,11 @@ class SomaNet(nn.Module):
         cert = torch.sigmoid(out["logit"])
         h = opt.shape[-2]
         w = opt.shape[-1]
-        cert = cert * coords.inside_mask(flow, h, w)
+        cert = cert * geometry.inside_mask(flow, h, w)
         if opt_valid is not None:
             cert = cert * opt_valid.to(cert.dtype)
         if sar_valid is not None:
-            sv = coords.warp(sar_valid.to(cert.dtype), flow)
+            sv = geometry.warp(sar_valid.to(cert.dtype), flow)
             cert = cert * (sv > 0.99).to(cert.dtype)
         if self.blend_active():
             flow = self.affine_blend(flow, cert)
@@ -789,10 +789,10 @@ class SomaNet(nn.Module):
         w = flow.shape[-1]
         s = self.blend_step
         pts = grid_points(b, h, w, flow.device, flow.dtype, s)
-        tgt = pts + coords.subsample(flow, s).flatten(2).transpose(1, 2)
-        a = irls_affine(pts, tgt, coords.subsample(cert, s).flatten(1), self.blend_k, self.blend_iters,
+        tgt = pts + geometry.subsample(flow, s).flatten(2).transpose(1, 2)
+        a = irls_affine(pts, tgt, geometry.subsample(cert, s).flatten(1), self.blend_k, self.blend_iters,
                         self.blend_similarity)
-        prior = coords.affine_to_flow(a, h, w)
+        prior = geometry.affine_to_flow(a, h, w)
         if self.blend_local > 0:
             k = self.blend_local
             num = box(box(cert * (flow - prior), k), k)

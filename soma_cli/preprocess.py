@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import BandError, ConfigError
+from .errors import BandError, ConfigError
 
 SAR_KINDS = ("auto", "db", "amplitude", "intensity")
 
