@@ -1,5 +1,5 @@
 """Two 3072 px crops of the whole-tile benchmark scene (`benchmarks/big_scene.py make`), around
-the mosaic's steep-terrain pairs 129 and 059: a 3-minute proxy of the 19-minute benchmark.
+the mosaic's steep-terrain pairs 129 and 059: a few-minute proxy of the whole-scene benchmark.
 
     python benchmarks/big_scene_crops.py make [--scene /tmp/soma_big] [--out /tmp/crop]
     for k in a b; do
@@ -8,8 +8,8 @@ the mosaic's steep-terrain pairs 129 and 059: a 3-minute proxy of the 19-minute 
     done
     python benchmarks/big_scene_crops.py score [--out /tmp/crop]
 
-``score`` prints the relative error (as `big_scene.py score --f0`) of each crop.  It is how the
-outlier repair's trust level for the network was checked (model card, "What changed in 0.7.0").
+``score`` prints the relative error (as `big_scene.py score --f0`) of each crop; the model card
+quotes it for the shipped network.
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@
 #
 # Needs: torch, numpy, scipy; no rasterio, no pip install (PYTHONPATH=.), the cache built on the
 # dev machine by the prepare phase (carried as an ignored folder) and, when the `affine` package is
-# absent, its copy in .devcache/pylib.  Build the cleaned cache that the CPU runs of the model card
-# used with `soma train ../shared/data/s1s2_calif --out runs/clean --cache .devcache/train_cache.npz
+# absent, its copy in .devcache/pylib.  Build the cleaned cache of the model card's training data
+# with `soma train ../shared/data/s1s2_calif --out runs/clean --cache .devcache/train_cache.npz
 # --clean gradient --prepare-only` (or point SOMA_CACHE at runs/clean/cache.npz).  The learning rate
 # and losses are those of the CPU runs (lr 3e-4, consistency 1, absolute 0.3); `val_cmr1` printed
 # below is the relative (self-consistency) CMR@1px that selects best.pt.  Checkpoints go to OUT_DIR
 # every minute (ckpt.pt resumable, model.pt / best.pt weights only), so a timeout still leaves one.
-# The two H100 runs of 2026-11-27 (model card, "What changed in 0.6.0"; logs in weights/logs/):
+# The two H100 fine-tunes of the model card's "Tried and rejected" (logs in weights/logs/):
 #   SOMA_CACHE=runs/clean/cache.npz bash benchmarks/train_gpu.sh OUT 6.5 cuda init=runs/v2c/best.pt lr=1e-4 batch_size=8 val_every=100
 #   SOMA_CACHE=runs/clean/cache.npz bash benchmarks/train_gpu.sh OUT2 4.2 cuda init=OUT/model.pt lr=5e-5 batch_size=8 val_every=80 warmup=0.01
 # (about 1.2 s a step of 8 x 512 px with both passes: the network is launch-bound on a GPU).
