@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -480,3 +481,17 @@ def test_plain_image_chips_share_their_pixel_grid(tmp_path):
     small = png("small.png", opt_arr[:128, :128])
     _assert_clean_error(_cli("register", s, small, "-o", tmp_path / "o3.tif", "-q"), tmp_path, "sizes differ",
                         before | {"geo.tif", "small.png"})
+
+
+def test_outputs_get_normal_permissions_and_no_temp_files(tmp_path, small_pair):
+    """Outputs are created through their temporary name with the umask's permissions (not a
+    private 0600 temp file's), and nothing hidden is left beside them."""
+    sar, opt = small_pair
+    out, flow, qa_dir = tmp_path / "o.tif", tmp_path / "f.tif", tmp_path / "qa"
+    register(RegisterOptions(sar=sar, opt=opt, out=out, flow_out=flow, qa_out=qa_dir, method="identity",
+                             tile_size=128, overlap=0))
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (out, flow, qa_dir / "summary.json"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
