@@ -495,3 +495,25 @@ def test_outputs_get_normal_permissions_and_no_temp_files(tmp_path, small_pair):
     for p in (out, flow, qa_dir / "summary.json"):
         assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_rows_outside_the_overlap_are_no_data(tmp_path):
+    """A moving image covering only the middle rows and columns of the reference: the aligned image
+    and the displacement raster span the reference grid, no data outside the overlap window."""
+    from soma_cli.io.sinks import FLOW_NODATA
+
+    rng = np.random.default_rng(4)
+    opt = write(tmp_path / "opt.tif", (rng.random((3, 300, 260)) * 200 + 20).astype(np.uint8))
+    sar = write(tmp_path / "sar.tif", (rng.random((140, 120)) * 200 + 20).astype(np.uint8),
+                transform=from_origin(500000.0 + 10.0 * 70, 3800000.0 - 10.0 * 90, 10.0, 10.0))
+    out, flow = tmp_path / "o.tif", tmp_path / "f.tif"
+    res = register(RegisterOptions(sar=sar, opt=opt, out=out, flow_out=flow, method="identity", tile_size=128,
+                                   overlap=0))
+    assert res.window == {"col_off": 70, "row_off": 90, "width": 120, "height": 140}
+    with rasterio.open(out) as a, rasterio.open(flow) as f:
+        valid = a.read_masks(1) > 0
+        dx = f.read(1)
+    inside = np.zeros_like(valid)
+    inside[90:230, 70:190] = True
+    assert valid[inside].mean() > 0.95 and not valid[~inside].any()
+    assert (dx[~inside] == FLOW_NODATA).all() and (dx[inside] == 0.0).all()
