@@ -123,8 +123,8 @@ def register(opts: RegisterOptions, progress: Optional[Progress] = None,
     matcher options by :func:`~soma_cli.matchers.get_matcher`)."""
     t0 = time.perf_counter()
     _validate(opts)
-    vrt = "cubic" if opts.resampling == "cubic" else "bilinear"
-    with gdal_env(), open_pair(opts.sar, opts.opt, opts.reference, opts.bands, opts.sar_band, vrt) as pair:
+    with gdal_env(), open_pair(opts.sar, opts.opt, opts.reference, opts.bands, opts.sar_band,
+                               opts.resampling) as pair:
         if matcher is None:
             matcher = get_matcher(opts.method, weights=opts.weights, device=opts.device,
                                   batch_size=opts.batch_size, threads=opts.threads)

@@ -483,6 +483,29 @@ def test_plain_image_chips_share_their_pixel_grid(tmp_path):
                         before | {"geo.tif", "small.png"})
 
 
+@pytest.mark.parametrize("resampling", ["nearest", "bilinear"])
+def test_nearest_resampling_keeps_the_input_values(tmp_path, resampling):
+    """--resampling nearest is honoured on the way onto the reference grid too: a moving image on
+    another grid (offset by a fraction of a pixel) comes out with its own values only, while
+    bilinear blends neighbours into new ones."""
+    rng = np.random.default_rng(2)
+    levels = np.array([10, 60, 110, 160, 210], np.uint8)
+    sar_arr = levels[rng.integers(0, levels.size, (160, 160))]
+    sar = write(tmp_path / "sar.tif", sar_arr, transform=from_origin(500000.0 - 3.0, 3800000.0 + 4.0, 10.0, 10.0))
+    opt = write(tmp_path / "opt.tif", np.stack([sar_arr] * 3))
+    out = tmp_path / "out.tif"
+    register(RegisterOptions(sar=sar, opt=opt, out=out, method="identity", tile_size=128, overlap=0,
+                             resampling=resampling))
+    with rasterio.open(out) as ds:
+        got = ds.read(1)[ds.read_masks(1) > 0]
+    assert got.size > 0.9 * 150 * 150
+    extra = np.setdiff1d(np.unique(got), levels)
+    if resampling == "nearest":
+        assert extra.size == 0, extra
+    else:
+        assert extra.size > 0
+
+
 def test_outputs_get_normal_permissions_and_no_temp_files(tmp_path, small_pair):
     """Outputs are created through their temporary name with the umask's permissions (not a
     private 0600 temp file's), and nothing hidden is left beside them."""
