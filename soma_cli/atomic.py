@@ -1,7 +1,8 @@
-"""Atomic file writes and JSON conversion shared by every writer of the package (no rasterio).
+"""Atomic file writes and the JSON helpers shared by every reader and writer of the package (no rasterio).
 
-A file is written to a hidden temporary file in its destination folder and renamed into place
-only when complete, so an interrupted run never leaves a half-written file under the final name.
+A file is written to a hidden temporary file in its destination folder (:func:`temp_path`) and
+renamed into place only when complete, so an interrupted run never leaves a half-written file
+under the final name.  The rasters of :mod:`soma_cli.io.write` use the same temporary names.
 """
 
 from __future__ import annotations
@@ -17,22 +18,35 @@ from typing import Callable
 import numpy as np
 
 
+def temp_path(path: Path, suffix: str = "") -> Path:
+    """A hidden, unique temporary name beside ``path``: ``.NAME.PID.HEX.tmp`` + ``suffix``.
+
+    The file is not created: the writer creates it, so it gets the umask's default permissions
+    (``mkstemp``'s 0600 would leak into the product)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
+
+
+def discard(path: Path) -> None:
+    """Delete a temporary file if it is there (cleanup: a failure to delete is not an error)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     """Write ``path`` through ``write(fh)`` into a temp file of the same folder, then rename."""
     path = Path(path)
-    # not mkstemp: its 0600 mode would leak into the product; "x" mode keeps the umask default
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = temp_path(path)
     try:
-        with open(tmp, "xb") as fh:
+        with open(tmp, "xb") as fh:  # "x": never clobber, even on a name clash
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        discard(tmp)
         raise
     return path
 
@@ -60,6 +74,14 @@ def write_json(path: Path, obj) -> Path:
     """Atomically write ``obj`` as JSON (NaN/inf -> null, numpy -> Python)."""
     data = json.dumps(to_jsonable(obj), indent=2, allow_nan=False).encode()
     return atomic_write(path, lambda fh: fh.write(data))
+
+
+def read_json(path: Path):
+    """The JSON value stored in ``path``, or ``None`` when it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

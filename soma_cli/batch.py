@@ -51,7 +51,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .errors import ConfigError, InputError, OutputError, SomaError
-from .atomic import to_jsonable, write_json
+from .atomic import read_json, to_jsonable, write_json
+from .preprocess import parse_bands
 
 ROW_OPTIONS = ("reference", "method", "mode", "bands", "sar_scale", "tile_size", "overlap", "weights")
 OUTPUTS = ("aligned.tif", "flow.tif")
@@ -83,18 +84,6 @@ def _clean_id(raw: str, where: str) -> str:
     if not pid or pid.startswith("."):
         raise ConfigError(f"{where}: unusable pair id {raw!r}")
     return pid
-
-
-def parse_bands(text: str) -> Tuple[int, ...]:
-    """``"4 3 2"`` / ``"4,3,2"`` -> ``(4, 3, 2)`` (1-based band numbers)."""
-    parts = [p for p in re.split(r"[\s,;]+", str(text).strip()) if p]
-    try:
-        bands = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ConfigError(f"bad band list {text!r}: expected integers like '4,3,2'") from None
-    if not bands or min(bands) < 1:
-        raise ConfigError(f"bad band list {text!r}: band numbers start at 1")
-    return bands
 
 
 def check_options(opts: Dict[str, object], where: str) -> Dict[str, object]:
@@ -241,9 +230,8 @@ def _output_sizes(pair_dir: Path) -> Dict[str, int]:
 def is_done(pair_dir: Path) -> bool:
     """True when ``done.json`` is valid and every output it lists exists with its recorded size."""
     try:
-        done = json.loads((Path(pair_dir) / DONE).read_text())
-        outputs = done["outputs"]
-    except (OSError, ValueError, KeyError, TypeError):
+        outputs = read_json(Path(pair_dir) / DONE)["outputs"]
+    except (KeyError, TypeError):
         return False
     if not isinstance(outputs, dict) or not all(n in outputs for n in OUTPUTS):
         return False
@@ -264,14 +252,6 @@ def pair_state(pair_dir: Path) -> str:
     if (Path(pair_dir) / FAILED).is_file():
         return "failed"
     return "todo"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(Path(path).read_text())
-        return d if isinstance(d, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _now() -> str:
@@ -295,19 +275,27 @@ class MatcherCache(WorkerPlugin):
     def teardown(self, worker) -> None:
         self.matchers.clear()
 
-    def get(self, method: str, weights, device: str) -> Tuple[object, bool]:
-        """(matcher, cached): ``cached`` is False when this call built it."""
-        key = (method, str(weights) if weights else None, device)
+    def get(self, method: str, options: Dict[str, object]) -> Tuple[object, bool]:
+        """(matcher, cached): ``cached`` is False when this call built it.  ``options``: those of
+        :func:`~soma_cli.matchers.get_matcher`."""
+        key = (method,) + tuple(sorted((k, str(v)) for k, v in options.items()))
         if key in self.matchers:
             return self.matchers[key], True
         from .matchers import get_matcher
 
-        m = get_matcher(method, weights=weights, device=device)
+        m = get_matcher(method, **options)
         self.matchers[key] = m
         return m, False
 
 
-def _worker_matcher(method: str, weights, device: str) -> Tuple[object, bool, str]:
+def _matcher_options(opts: Dict[str, object]) -> Dict[str, object]:
+    """The :func:`~soma_cli.matchers.get_matcher` options among a pair's register options."""
+    from .matchers import OPTIONS
+
+    return {k: opts[k] for k in OPTIONS if opts.get(k) is not None}
+
+
+def _worker_matcher(method: str, options: Dict[str, object]) -> Tuple[object, bool, str]:
     """The calling worker's cached matcher (built once per worker); outside a worker, a fresh one."""
     try:
         from distributed import get_worker
@@ -318,7 +306,7 @@ def _worker_matcher(method: str, weights, device: str) -> Tuple[object, bool, st
     cache = worker.plugins.get(PLUGIN_NAME) if worker is not None else None
     if cache is None:
         cache = MatcherCache()
-    m, cached = cache.get(method, weights, device)
+    m, cached = cache.get(method, options)
     return m, cached, (worker.address if worker is not None else "local")
 
 
@@ -350,7 +338,7 @@ def run_pair(job: dict) -> dict:
             (pair_dir / stale).unlink(missing_ok=True)
         _remove_temp_files(pair_dir)
         method = str(opts.get("method", "soma"))
-        matcher, cached, worker = _worker_matcher(method, opts.get("weights"), str(opts.get("device", "auto")))
+        matcher, cached, worker = _worker_matcher(method, _matcher_options(opts))
         ropts = RegisterOptions(
             sar=Path(job["sar"]), opt=Path(job["opt"]), out=pair_dir / "aligned.tif",
             flow_out=pair_dir / "flow.tif", qa_out=pair_dir / "qa", overwrite=True, **opts,
@@ -477,7 +465,8 @@ def run_batch(
     for p in pairs:
         state = "todo" if overwrite else pair_state(out_dir / p.id)
         if state == "done" or (state == "failed" and not retry_failed):
-            prev = _read_json(out_dir / p.id / (DONE if state == "done" else FAILED))
+            prev = read_json(out_dir / p.id / (DONE if state == "done" else FAILED))
+            prev = prev if isinstance(prev, dict) else {}
             res = prev.get("result") or {}
             finish({"id": p.id, "status": "skipped", "error": None if state == "done" else prev.get("error"),
                     "reason": "done" if state == "done" else "failed before (use --retry-failed)",

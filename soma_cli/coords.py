@@ -143,20 +143,6 @@ def invert_flow_np(flow: np.ndarray, iters: int = 20) -> np.ndarray:
     return g.astype(np.float32)
 
 
-def upsample_flow_np(flow: np.ndarray, factor: int, out_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """Upsample a level flow by an integer stride ``factor`` to full-resolution pixels (numpy)."""
-    h, w = flow.shape[-2:]
-    oh, ow = out_hw if out_hw is not None else (h * factor, w * factor)
-    rows = (np.arange(oh, dtype=np.float64) - (factor - 1) / 2.0) / factor
-    cols = (np.arange(ow, dtype=np.float64) - (factor - 1) / 2.0) / factor
-    rr, cc = np.meshgrid(rows, cols, indexing="ij")
-    out = np.stack([
-        ndimage.map_coordinates(flow[i].astype(np.float64), [rr, cc], order=1, mode="nearest")
-        for i in range(2)
-    ])
-    return (out * factor).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- affine (numpy)
 
 
@@ -247,6 +233,41 @@ def fit_affine_points_np(x, y, u, v, weight=None, iters: int = 6) -> Tuple[np.nd
     ww = wt * rw
     rmse = float(np.sqrt(np.sum(ww * res**2) / max(ww.sum(), 1e-12)))
     return a, {"rmse": rmse, "inliers": float(ww.sum() / max(wt.sum(), 1e-12)), "n": int(ok.sum())}
+
+
+# ----------------------------------------------------------------------------- resampling, strides, matches
+
+#: The ``--resampling`` names and the spline order of :func:`warp_np` each stands for
+#: (:mod:`soma_cli.io` maps the same names to rasterio's resampling).
+SPLINE_ORDERS = {"nearest": 0, "bilinear": 1, "cubic": 3}
+
+
+def stride_offsets(start: int, n: int, step: int) -> np.ndarray:
+    """Offsets ``k`` in ``[0, n)`` of the pixels ``start + k`` that a stride-``step`` decimated grid
+    keeps.  Decimated pixel ``i`` *is* full-resolution pixel ``step * i`` (a sample, unlike the
+    pooled pyramid levels, centred at ``step * i + (step - 1) / 2``); a flow sampled there converts
+    to decimated pixels by :func:`flow_to_stride_np`."""
+    return np.arange((-int(start)) % step, int(n), step)
+
+
+def flow_to_stride_np(flow: np.ndarray, step: int) -> np.ndarray:
+    """A flow in full-resolution pixels -> the same flow in pixels of the stride-``step`` grid."""
+    return np.asarray(flow) / step
+
+
+def affine_flow_points_np(a: np.ndarray, x, y) -> Tuple[np.ndarray, np.ndarray]:
+    """Flow ``(dx, dy)`` of the reference-pixel affine ``a`` at the pixels ``(x, y)`` (float64)."""
+    m = to3x3(a)
+    return m[0, 0] * x + m[0, 1] * y + m[0, 2] - x, m[1, 0] * x + m[1, 1] * y + m[1, 2] - y
+
+
+def invert_match_np(flow: np.ndarray, certainty: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A match found on grid A expressed on grid B (``--reference sar`` with matchers that work on
+    the optical grid): A pixel ``q`` matches B at ``q + f(q)``, so B pixel ``p`` matches A at
+    ``p + g(p)`` with ``g`` the inverse field (:func:`invert_flow_np`); the certainty travels with
+    the match (sampled at ``p + g(p)``, nearest edge value beyond the tile)."""
+    g = invert_flow_np(flow)
+    return g, warp_np(certainty, g, order=1, edge=True)
 
 
 def corrected_transform(ref_transform: Affine, a: np.ndarray, mov_transform: Affine) -> Affine:

@@ -10,9 +10,10 @@ Protocol
   corner (rows and columns ``0, chip, 2*chip, ...``; a remainder at the right/bottom is not used).  A
   chip is skipped (counted in ``skipped``) when under half of its pixels are valid in both images.
   Chip ``k`` is numbered row-major within its pair.
-* Optical: :func:`select_bands` -> :func:`optical_to_gray` -> :func:`standardise`.  SAR:
-  :func:`sar_to_log`, then (deformed copy) :meth:`Deformation.apply` in the log domain with invalid
-  pixels as NaN, then :func:`standardise` over the still-valid pixels.  The deformation of chip ``k``
+* Chips are prepared as ``soma register``'s tiles (:func:`soma_cli.preprocess.prepare`): optical
+  :func:`select_bands` -> :func:`optical_to_gray` -> :func:`standardise`; SAR :func:`sar_to_log`
+  -> :func:`standardise`.  The deformed SAR copy: :meth:`Deformation.apply` in the log domain with
+  invalid pixels as NaN, then :func:`standardise` over the still-valid pixels.  The deformation of chip ``k``
   of pair ``NAME`` is ``synth.draw_for(protocol, seed, NAME, k, chip, chip)``: the same on every
   machine.
 * Each method predicts the flow of the deformed pair (``F1``) and of the undeformed pair (``F0``).
@@ -45,11 +46,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
-from . import coords, synth
-from . import atomic
+from . import atomic, coords, synth, tiling
 from .errors import ConfigError, DataError, OutputError
+from .io.dataset import list_pairs, pair_size, read_pair
 from .matchers import Matcher, get_matcher
-from .preprocess import optical_to_gray, sar_to_log, select_bands, standardise
+from .preprocess import optical_to_gray, prepare, select_bands, standardise, to_gray
 
 PROTOCOL_CHOICES = ("geo", "paper", "both")
 CMR_THRESHOLDS = (1, 2, 3, 5)
@@ -158,11 +159,6 @@ def aggregate(records: Sequence[Mapping[str, float]], prefix: str = "") -> Dict[
 # ----------------------------------------------------------------------------- chips
 
 
-def chip_windows(h: int, w: int, chip: int) -> List[Tuple[int, int]]:
-    """Top-left corners ``(row, col)`` of the non-overlapping chip grid, row-major."""
-    return [(r, c) for r in range(0, h - chip + 1, chip) for c in range(0, w - chip + 1, chip)]
-
-
 @dataclass
 class BaseChip:
     """One undeformed chip, preprocessed."""
@@ -195,10 +191,9 @@ def base_chip(pair: str, index: int, opt_gray: np.ndarray, opt_valid: np.ndarray
     sv = np.asarray(sar_valid, bool) & np.isfinite(sar)
     if (ov & sv).mean() < MIN_VALID_SHARE:
         return None
-    slog = sar_to_log(sar, valid=sv)
-    slog = np.where(sv, slog, np.nan).astype(np.float32)
-    return BaseChip(pair=pair, index=index, opt=standardise(opt_gray, ov), opt_valid=ov,
-                    sar_log=slog, sar=standardise(slog, sv), sar_valid=sv)
+    slog = np.where(sv, to_gray(sar, sv, optical=False), np.nan).astype(np.float32)
+    return BaseChip(pair=pair, index=index, opt=prepare(opt_gray, ov, optical=True), opt_valid=ov,
+                    sar_log=slog, sar=prepare(sar, sv, optical=False), sar_valid=sv)
 
 
 def base_chips(arrays, chip: int) -> Tuple[List[BaseChip], int]:
@@ -210,8 +205,8 @@ def base_chips(arrays, chip: int) -> Tuple[List[BaseChip], int]:
     opt_gray = optical_to_gray(select_bands(arrays.opt))
     chips: List[BaseChip] = []
     skipped = 0
-    for k, (r, c) in enumerate(chip_windows(h, w, chip)):
-        win = (slice(r, r + chip), slice(c, c + chip))
+    for k, t in enumerate(tiling.grid(h, w, chip)):
+        win = (t.rows, t.cols)
         bc = base_chip(arrays.name, k, opt_gray[win], arrays.opt_valid[win], arrays.sar[win], arrays.sar_valid[win])
         if bc is None:
             skipped += 1
@@ -315,10 +310,6 @@ def run(
     if int(batch) < 1:
         raise ConfigError(f"batch must be at least 1, got {batch}")
     chip, batch = int(chip), int(batch)
-    # rasterio is imported here, not at the top, so that the chip and metric functions above work
-    # where it is absent (benchmarks/knob_sweep.py on a GPU machine)
-    from .io.dataset import list_pairs, pair_size, read_pair
-
     entries = list_pairs(Path(data_dir), [split] if split else None)
     if limit is not None:
         entries = entries[: int(limit)]
@@ -328,7 +319,7 @@ def run(
             fits = 32 * (min(h, w) // 32)
             hint = f" (try --chip {fits})" if fits >= 32 else ""
             raise DataError(f"pair {e.name} ({w}x{h}) is smaller than the chip size {chip}{hint}")
-    total = sum(len(chip_windows(h, w, chip)) for h, w in sizes)
+    total = sum(len(tiling.grid(h, w, chip)) for h, w in sizes)
     matchers = _resolve_methods(methods, matcher_options or {})
 
     recs = {p: {m: {"abs": [], "rel": []} for m in matchers} for p in protos}

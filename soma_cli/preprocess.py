@@ -4,11 +4,13 @@ SAR: brought to a log (dB-like) domain whatever it arrives in, so that amplitude
 8-bit scaled products look alike after per-tile normalisation.  Optical: the selected bands are
 averaged into one luminance-like channel.  Each tile is then standardised robustly (median and
 inter-quartile range over valid pixels), clipped to +-5, and invalid pixels are set to 0.
+:func:`prepare` is that whole chain, from raw tile data to a matcher's input.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import re
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,6 +52,21 @@ def sar_to_log(sar: np.ndarray, kind: str = "auto", valid: Optional[np.ndarray] 
     eps = 0.01 * float(np.median(pos)) if pos.size else 1.0
     out = np.log10(np.maximum(np.where(ok, x, 0), 0) + eps)
     return out.astype(np.float32)
+
+
+def parse_bands(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    """A band list as typed (``"4,3,2"``, ``"4 3 2"``) -> ``(4, 3, 2)``, 1-based; ``None`` stays
+    ``None`` (the default bands of :func:`resolve_bands`)."""
+    if text is None:
+        return None
+    parts = [p for p in re.split(r"[\s,;]+", str(text).strip()) if p]
+    try:
+        bands = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"bad band list {text!r}: expected integers like '4,3,2'") from None
+    if not bands or min(bands) < 1:
+        raise ConfigError(f"bad band list {text!r}: band numbers start at 1")
+    return bands
 
 
 def resolve_bands(count: int, bands: Optional[Sequence[int]] = None) -> tuple:
@@ -96,3 +113,17 @@ def standardise(x: np.ndarray, valid: Optional[np.ndarray] = None) -> np.ndarray
         scale = float(v.std()) or 1.0
     out = np.clip((x - med) / scale, -5, 5)
     return np.where(ok, out, 0).astype(np.float32)
+
+
+def to_gray(data: np.ndarray, valid: np.ndarray, optical: bool, sar_scale: str = "auto") -> np.ndarray:
+    """Raw tile data -> one float32 channel before standardisation: the optical bands (``(C, H, W)``,
+    already selected) averaged, or the SAR band (``(1, H, W)`` or ``(H, W)``) in its log domain."""
+    if optical:
+        return optical_to_gray(data)
+    sar = np.asarray(data)
+    return sar_to_log(sar[0] if sar.ndim == 3 else sar, sar_scale, valid)
+
+
+def prepare(data: np.ndarray, valid: np.ndarray, optical: bool, sar_scale: str = "auto") -> np.ndarray:
+    """The matcher's input for one tile: :func:`to_gray`, then :func:`standardise` over ``valid``."""
+    return standardise(to_gray(data, valid, optical, sar_scale), valid)

@@ -9,7 +9,8 @@ Two entry points, both numpy + matplotlib (Agg backend, no display needed):
   pixels): SAR and optical intensities are not comparable, their edges are. A correct
   registration should raise it.
 * :func:`write_products` writes the scene-level pictures and tables into a QA folder and returns
-  the summary dict (also written as ``summary.json``).
+  the summary dict (also written as ``summary.json``), from a decimated overview of the scene whose
+  flow :class:`FlowOverview` gathers strip by strip.
 
 Outlier tiles (``outlier`` column of ``tiles.csv``; decided in :func:`write_products`, where the
 scene median is known). A tile with scores is an outlier when either
@@ -37,6 +38,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from . import coords
 from .atomic import atomic_write, to_jsonable, write_json
 from .errors import OutputError
 
@@ -46,6 +48,7 @@ FLOW_DEV_K = 3.0
 MIN_VALID = 64
 GRAD_SIGMA = 1.5  # px, Gaussian derivative scale of the similarity score
 CERTAIN = 0.5  # certainty threshold for "certainty coverage"
+OVERVIEW_MAX = 2048  # px, longest side of the overview
 
 TILE_FIELDS = (
     "row_off", "col_off", "height", "width", "valid_fraction", "median_dx", "median_dy", "median_flow",
@@ -91,11 +94,6 @@ def gradient_nccs(ref: np.ndarray, movs: Sequence[np.ndarray], valid: Optional[n
         return [float("nan")] * len(movs)
     g = _gradient_magnitude(ref, ok)[inner]
     return [_ncc(g, _gradient_magnitude(np.asarray(m, np.float32), ok)[inner]) for m in movs]
-
-
-def gradient_ncc(a: np.ndarray, b: np.ndarray, valid: Optional[np.ndarray] = None) -> float:
-    """NCC of the gradient magnitudes of ``a`` and ``b`` (see :func:`gradient_nccs`)."""
-    return gradient_nccs(a, [b], valid)[0]
 
 
 def tile_scores(
@@ -308,6 +306,31 @@ def _hist_figure(mag: np.ndarray):
 
 
 # ----------------------------------------------------------------------------- products
+
+
+class FlowOverview:
+    """The flow and certainty of a ``height x width`` area decimated to the overview (every
+    ``step``-th row and column, :func:`soma_cli.coords.stride_offsets`; the longest side at most
+    :data:`OVERVIEW_MAX`), gathered from the strips as they stream past."""
+
+    def __init__(self, height: int, width: int):
+        self.step = max(1, math.ceil(max(height, width) / OVERVIEW_MAX))
+        self.shape = (math.ceil(height / self.step), math.ceil(width / self.step))
+        self._flow: List[np.ndarray] = []
+        self._cert: List[np.ndarray] = []
+
+    def add(self, strip) -> None:
+        """Keep the overview rows of a :class:`~soma_cli.stitch.Strip`."""
+        rows = coords.stride_offsets(strip.row0, strip.flow.shape[1], self.step)
+        if rows.size:
+            self._flow.append(strip.flow[:, rows, ::self.step])
+            self._cert.append(strip.certainty[rows, ::self.step])
+
+    def arrays(self):
+        """``(flow (2, h, w) in full-resolution pixels, certainty (h, w))`` of the overview."""
+        h, w = self.shape
+        return (np.concatenate(self._flow, axis=1)[:, :h, :w], np.concatenate(self._cert, axis=0)[:h, :w])
+
 
 
 def _median(vals) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .errors import InputError
-from .atomic import atomic_write
+from .atomic import atomic_write, read_json
 from .qa import PRODUCTS
 
 REPORT_NAME = "report.html"
@@ -87,13 +87,6 @@ def _e(v) -> str:
     return html.escape(_fmt(v))
 
 
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
@@ -124,13 +117,13 @@ def _links(qa_dir: Path, root: Path, names: Sequence[str]) -> str:
 
 
 def _qa_section(qa_dir: Path, root: Path, tiles_full: bool) -> str:
-    summary = _read_json(qa_dir / "summary.json") or {}
+    summary = read_json(qa_dir / "summary.json") or {}
     parts = [_kv_table([(label, summary.get(key)) for key, label in _SUMMARY_KEYS if key in summary])]
     if summary.get("outlier_rule"):
         parts.append(f"<p><small>outlier rule: {html.escape(str(summary['outlier_rule']))}; similarity: "
                      f"{html.escape(str(summary.get('similarity', '')))}</small></p>")
     parts.append(_images(qa_dir, root))
-    tiles = _read_json(qa_dir / "tiles.json")
+    tiles = read_json(qa_dir / "tiles.json")
     if isinstance(tiles, list) and tiles:
         shown = tiles if tiles_full else [t for t in tiles if t.get("outlier")]
         title = f"tiles ({len(tiles)})" if tiles_full else f"outlier tiles ({len(shown)} of {len(tiles)})"
@@ -198,7 +191,7 @@ def _batch_body(root: Path) -> str:
     rows = [f"<table><tr>{head}</tr>"]
     for pid in sorted(records):
         r = dict(records[pid])
-        qa = r.get("qa") or _read_json(root / pid / "qa" / "summary.json") or {}
+        qa = r.get("qa") or read_json(root / pid / "qa" / "summary.json") or {}
         r.setdefault("similarity_before", qa.get("similarity_before_median"))
         r.setdefault("similarity_after", qa.get("similarity_after_median"))
         r.setdefault("outlier_share", qa.get("outlier_share"))

@@ -1,18 +1,25 @@
-"""Weighted blending of tile flows into a scene flow, one strip of rows at a time (numpy only).
+"""Weighted blending of tile flows into a scene flow, one strip of rows at a time, and the repair of
+its outliers (numpy only).
 
 Memory stays bounded by a strip of about two tile heights times the scene width: rows are handed
 out (``flush``) as soon as no later tile can touch them, so scenes larger than RAM stream through.
+:class:`FlowSamples` keeps a sparse sample of the strips for the scene-wide affine fit and the
+:class:`FlowPrior` that repairs outliers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
 
+from . import coords
+from .errors import MatchError
 from .tiling import Tile, blend_weight
+
+SAMPLE_STEP = 8  # px between the flow samples kept for the scene-wide fit and the summary
 
 
 @dataclass
@@ -89,6 +96,43 @@ class StripStitcher:
         yield from self.flush(self.height)
 
 
+@dataclass
+class FlowSamples:
+    """Flow samples every :data:`SAMPLE_STEP` pixels (absolute reference pixels), gathered strip by
+    strip, for the scene-wide affine fit, the repair prior and the run summary."""
+
+    x: List[np.ndarray] = field(default_factory=list)
+    y: List[np.ndarray] = field(default_factory=list)
+    dx: List[np.ndarray] = field(default_factory=list)
+    dy: List[np.ndarray] = field(default_factory=list)
+    cert: List[np.ndarray] = field(default_factory=list)
+
+    def add(self, strip: Strip, row_abs0: int, col_abs0: int) -> None:
+        """Sample a strip of an area whose origin is absolute pixel ``(col_abs0, row_abs0)``."""
+        rows = coords.stride_offsets(strip.row0, strip.flow.shape[1], SAMPLE_STEP)
+        if not rows.size:
+            return
+        f = strip.flow[:, rows, ::SAMPLE_STEP]
+        c = strip.certainty[rows, ::SAMPLE_STEP]
+        ok = np.isfinite(f).all(0)
+        yy, xx = np.meshgrid(rows + strip.row0 + row_abs0,
+                             np.arange(0, strip.flow.shape[2], SAMPLE_STEP) + col_abs0, indexing="ij")
+        self.x.append(xx[ok]), self.y.append(yy[ok]), self.dx.append(f[0][ok]), self.dy.append(f[1][ok])
+        self.cert.append(c[ok])
+
+    def arrays(self) -> Tuple[np.ndarray, ...]:
+        """``(x, y, dx, dy, certainty)`` of every sample."""
+        cat = lambda a: np.concatenate(a) if a else np.zeros(0)  # noqa: E731
+        return cat(self.x), cat(self.y), cat(self.dx), cat(self.dy), cat(self.cert)
+
+    def fit(self) -> Tuple[np.ndarray, dict]:
+        """Robust, certainty-weighted global affine of the samples: ``(2x3, stats)``."""
+        x, y, dx, dy, cert = self.arrays()
+        if x.size < 6:
+            raise MatchError("no valid flow estimate in the overlap")
+        return coords.fit_affine_points_np(x, y, x + dx, y + dy, np.maximum(cert, 1e-3))
+
+
 class FlowPrior:
     """A smooth, certainty-weighted flow over the area, used to repair outliers.
 
@@ -100,7 +144,7 @@ class FlowPrior:
 
     def __init__(self, x, y, dx, dy, cert, affine, height: int, width: int, row0: int, col0: int,
                  sigma_px: float = 256.0, block: int = 16, max_dev: float = 5.0):
-        self.m = np.vstack([np.asarray(affine, np.float64).reshape(2, 3), [0.0, 0.0, 1.0]])
+        self.affine = coords.to3x3(affine)
         self.row0, self.col0, self.block = row0, col0, block
         self.sigma = sigma_px / block
         self.shape = (-(-height // block), -(-width // block))
@@ -140,8 +184,7 @@ class FlowPrior:
                 ndimage.map_coordinates(self.res[1], [v, u], order=1, mode="nearest"))
 
     def _affine(self, x: np.ndarray, y: np.ndarray):
-        m = self.m
-        return m[0, 0] * x + m[0, 1] * y + m[0, 2] - x, m[1, 0] * x + m[1, 1] * y + m[1, 2] - y
+        return coords.affine_flow_points_np(self.affine, x, y)
 
     def field(self, row_abs: int, col_abs: int, h: int, w: int) -> np.ndarray:
         """The prior flow ``(2, h, w)`` for the block of absolute reference pixels at (row, col)."""

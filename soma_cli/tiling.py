@@ -1,9 +1,10 @@
-"""Tile layout over a raster window (numpy only).
+"""Tile layouts over a raster window (numpy only).
 
-Tiles are ``size x size`` (smaller only when the area itself is smaller), overlap by ``overlap``
-pixels, and the last tile of a row/column is shifted inward so that every tile lies inside the area
-(no padding at the scene edge).  Tiles come in row-major order, which is what lets
-:mod:`soma_cli.stitch` finalise rows as soon as no later tile can touch them.
+:func:`layout` (``soma register``): tiles are ``size x size`` (smaller only when the area itself is
+smaller), overlap by ``overlap`` pixels, and the last tile of a row/column is shifted inward so
+that every tile lies inside the area (no padding at the scene edge).  Tiles come in row-major
+order, which is what lets :mod:`soma_cli.stitch` finalise rows as soon as no later tile can touch
+them.  :func:`grid` (``soma evaluate``'s chips): non-overlapping tiles on a fixed grid.
 """
 
 from __future__ import annotations
@@ -56,6 +57,13 @@ def layout(height: int, width: int, size: int, overlap: int) -> List[Tile]:
     """All tiles covering a ``height x width`` area, row-major."""
     th, tw = min(size, height), min(size, width)
     return [Tile(r, c, th, tw) for r in starts(height, size, overlap) for c in starts(width, size, overlap)]
+
+
+def grid(height: int, width: int, size: int) -> List[Tile]:
+    """Non-overlapping ``size x size`` tiles anchored at the top-left corner (rows and columns
+    ``0, size, 2*size, ...``), row-major; a remainder at the right/bottom is left out."""
+    return [Tile(r, c, size, size) for r in range(0, height - size + 1, size)
+            for c in range(0, width - size + 1, size)]
 
 
 def rows_of(tiles: List[Tile]) -> Iterator[List[Tile]]:

@@ -289,3 +289,44 @@ def _check_links(page: Path) -> None:
             assert f'id="{link[1:]}"' in text, link
         else:
             assert "://" not in link and (page.parent / link).is_file(), link
+
+
+def test_matcher_gets_the_batch_options(tmp_path, monkeypatch):
+    """--batch-size, --threads, --device and --weights reach the worker's matcher, and a matcher
+    is built once per distinct set of options."""
+    from soma_cli import matchers
+
+    built = []
+
+    def fake(name, **options):
+        built.append((name, options))
+        return matchers.IdentityMatcher()
+
+    monkeypatch.setattr(matchers, "get_matcher", fake)
+    s, o = make_pair(tmp_path / "in", "p", seed=0)
+    opts = {"method": "soma", "batch_size": 3, "threads": 1, "device": "cpu", "tile_size": 128, "overlap": 0}
+    rec = batch.run_pair({"id": "p", "sar": str(s), "opt": str(o), "pair_dir": str(tmp_path / "out" / "p"),
+                          "options": opts})
+    assert rec["status"] == "ok", rec["error"]
+    assert built == [("soma", {"batch_size": 3, "threads": 1, "device": "cpu"})]
+    cache = batch.MatcherCache()
+    m1, cached1 = cache.get("gradient", {"batch_size": 2})
+    m2, cached2 = cache.get("gradient", {"batch_size": 2})
+    _, cached3 = cache.get("gradient", {"batch_size": 5})
+    assert m1 is m2 and (cached1, cached2, cached3) == (False, True, False)
+
+
+def test_one_band_list_parser_and_json_reader(tmp_path):
+    from soma_cli.atomic import read_json
+    from soma_cli.preprocess import parse_bands
+
+    assert batch.parse_bands is parse_bands
+    assert parse_bands("4,3,2") == parse_bands("4 3 2") == parse_bands(" 4, 3;2 ") == (4, 3, 2)
+    assert parse_bands(None) is None
+    for bad in ("", "r,g", "0,1", "4,-1"):
+        with pytest.raises(ConfigError, match="band list"):
+            parse_bands(bad)
+    (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
+    (tmp_path / "bad.json").write_text('{"a": ')
+    assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}
+    assert read_json(tmp_path / "bad.json") is None and read_json(tmp_path / "missing.json") is None

@@ -334,8 +334,8 @@ def test_real_pair_identity_geo(shared_data):
 
 
 def test_base_chip_matches_base_chips_and_rejects_mostly_invalid_windows(tmp_path):
-    """``base_chip`` (one window, as benchmarks/knob_sweep.py rebuilds chips on a GPU machine) gives
-    what ``base_chips`` gives for that window, and None under half valid."""
+    """``base_chip`` (one window) gives what ``base_chips`` gives for that window, and None under
+    half valid."""
     from soma_cli.preprocess import optical_to_gray, select_bands
 
     data = make_dataset(tmp_path / "d", n=1, size=128)
@@ -353,12 +353,12 @@ def test_base_chip_matches_base_chips_and_rejects_mostly_invalid_windows(tmp_pat
     assert ev.base_chip(arr.name, 1, gray[win], arr.opt_valid[win], arr.sar[win], sv) is None
 
 
-def test_chip_and_metric_code_imports_without_rasterio():
-    """The GPU machine has torch, numpy and scipy but no rasterio: evaluate's chip and metric
-    functions and train's must import there (rasterio is imported only where files are read)."""
+def test_numpy_stages_and_training_import_without_rasterio():
+    """rasterio stays behind io/: the numpy stages of a run (preprocessing, tiling, stitching,
+    warping, QA) and training (on a GPU machine with torch, numpy and scipy only) import without it."""
     code = ("import sys; sys.modules['rasterio'] = None\n"
-            "from soma_cli import evaluate, train\n"
-            "assert callable(evaluate.base_chip) and callable(train.relative_rmse)\n")
+            "from soma_cli import preprocess, qa, stitch, tiling, train, warp\n"
+            "assert callable(preprocess.prepare) and callable(train.relative_rmse)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

@@ -160,3 +160,23 @@ def test_real_paper_rotation_translation(real_crop):
     assert _rmse(f1[0], expected, mask) < 2.0  # measured ~0.5 px
     assert _rmse(f1[0], d.forward(), mask) < 5.0  # against the synthetic truth alone
     assert np.all(cert[0][~coords.inside_mask_np(f1[0], CROP, CROP)] == 0.0)
+
+
+def test_get_matcher_options_threads_and_unknown_keys():
+    """Options reach the matcher (threads: the gradient matcher's concurrency, torch's threads for
+    the network), and an option name that no matcher takes is a ConfigError, not ignored."""
+    import torch
+
+    from soma_cli.errors import ConfigError
+
+    assert get_matcher("gradient", threads=3).threads == 3
+    assert get_matcher("gradient", device="cpu", batch_size=2, weights=None).threads >= 1
+    for name in ("gradient", "identity", "soma"):
+        with pytest.raises(ConfigError, match="batchsize"):
+            get_matcher(name, batchsize=2)
+    before = torch.get_num_threads()
+    try:
+        m = get_matcher("soma", device="cpu", batch_size=3, threads=2)
+        assert m.batch_size == 3 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -480,3 +481,62 @@ def test_plain_image_chips_share_their_pixel_grid(tmp_path):
     small = png("small.png", opt_arr[:128, :128])
     _assert_clean_error(_cli("register", s, small, "-o", tmp_path / "o3.tif", "-q"), tmp_path, "sizes differ",
                         before | {"geo.tif", "small.png"})
+
+
+@pytest.mark.parametrize("resampling", ["nearest", "bilinear"])
+def test_nearest_resampling_keeps_the_input_values(tmp_path, resampling):
+    """--resampling nearest is honoured on the way onto the reference grid too: a moving image on
+    another grid (offset by a fraction of a pixel) comes out with its own values only, while
+    bilinear blends neighbours into new ones."""
+    rng = np.random.default_rng(2)
+    levels = np.array([10, 60, 110, 160, 210], np.uint8)
+    sar_arr = levels[rng.integers(0, levels.size, (160, 160))]
+    sar = write(tmp_path / "sar.tif", sar_arr, transform=from_origin(500000.0 - 3.0, 3800000.0 + 4.0, 10.0, 10.0))
+    opt = write(tmp_path / "opt.tif", np.stack([sar_arr] * 3))
+    out = tmp_path / "out.tif"
+    register(RegisterOptions(sar=sar, opt=opt, out=out, method="identity", tile_size=128, overlap=0,
+                             resampling=resampling))
+    with rasterio.open(out) as ds:
+        got = ds.read(1)[ds.read_masks(1) > 0]
+    assert got.size > 0.9 * 150 * 150
+    extra = np.setdiff1d(np.unique(got), levels)
+    if resampling == "nearest":
+        assert extra.size == 0, extra
+    else:
+        assert extra.size > 0
+
+
+def test_outputs_get_normal_permissions_and_no_temp_files(tmp_path, small_pair):
+    """Outputs are created through their temporary name with the umask's permissions (not a
+    private 0600 temp file's), and nothing hidden is left beside them."""
+    sar, opt = small_pair
+    out, flow, qa_dir = tmp_path / "o.tif", tmp_path / "f.tif", tmp_path / "qa"
+    register(RegisterOptions(sar=sar, opt=opt, out=out, flow_out=flow, qa_out=qa_dir, method="identity",
+                             tile_size=128, overlap=0))
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (out, flow, qa_dir / "summary.json"):
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_rows_outside_the_overlap_are_no_data(tmp_path):
+    """A moving image covering only the middle rows and columns of the reference: the aligned image
+    and the displacement raster span the reference grid, no data outside the overlap window."""
+    from soma_cli.io.sinks import FLOW_NODATA
+
+    rng = np.random.default_rng(4)
+    opt = write(tmp_path / "opt.tif", (rng.random((3, 300, 260)) * 200 + 20).astype(np.uint8))
+    sar = write(tmp_path / "sar.tif", (rng.random((140, 120)) * 200 + 20).astype(np.uint8),
+                transform=from_origin(500000.0 + 10.0 * 70, 3800000.0 - 10.0 * 90, 10.0, 10.0))
+    out, flow = tmp_path / "o.tif", tmp_path / "f.tif"
+    res = register(RegisterOptions(sar=sar, opt=opt, out=out, flow_out=flow, method="identity", tile_size=128,
+                                   overlap=0))
+    assert res.window == {"col_off": 70, "row_off": 90, "width": 120, "height": 140}
+    with rasterio.open(out) as a, rasterio.open(flow) as f:
+        valid = a.read_masks(1) > 0
+        dx = f.read(1)
+    inside = np.zeros_like(valid)
+    inside[90:230, 70:190] = True
+    assert valid[inside].mean() > 0.95 and not valid[~inside].any()
+    assert (dx[~inside] == FLOW_NODATA).all() and (dx[inside] == 0.0).all()

@@ -24,6 +24,19 @@ def test_layout_covers_the_area_with_inward_last_tiles(h, w, size, overlap):
     assert (steps <= size - overlap).all()  # neighbours overlap by at least `overlap`
 
 
+@pytest.mark.parametrize("h,w,size", [(130, 260, 64), (512, 512, 512), (1000, 700, 256)])
+def test_grid_is_non_overlapping_anchored_and_drops_the_remainder(h, w, size):
+    tiles = tiling.grid(h, w, size)
+    assert len(tiles) == (h // size) * (w // size)
+    cover = np.zeros((h, w), np.int32)
+    for t in tiles:
+        assert t.row % size == 0 and t.col % size == 0 and t.height == t.width == size
+        cover[t.rows, t.cols] += 1
+    assert cover.max() == 1
+    assert not cover[(h // size) * size:].any() and not cover[:, (w // size) * size:].any()
+    assert [(t.row, t.col) for t in tiles] == sorted((t.row, t.col) for t in tiles)  # row-major
+
+
 def test_validate_rejects_bad_tiling():
     with pytest.raises(ConfigError):
         tiling.validate(100, 0)

@@ -31,8 +31,9 @@ from rasterio.windows import Window, from_bounds
 from rasterio.windows import transform as window_transform
 
 from ..errors import BandError, GeoreferenceError, InputError
-from . import open_quietly
+from . import open_quietly, resampling as rasterio_resampling
 from ..preprocess import resolve_bands
+from ..tiling import Tile
 
 
 def gdal_env(cache_mb: int = 256) -> rasterio.Env:
@@ -199,6 +200,23 @@ class AlignedPair:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def area(self) -> Tile:
+        """The overlap window as a :class:`~soma_cli.tiling.Tile` in reference pixels."""
+        w = self.window
+        return Tile(int(w.row_off), int(w.col_off), int(w.height), int(w.width))
+
+    @property
+    def moving_count(self) -> int:
+        """Bands of the moving raster (all of them are aligned and written)."""
+        return self.mov_src.count
+
+    @property
+    def sar_is_float(self) -> bool:
+        """The SAR band is stored as floating point (dB products are)."""
+        sar = self.mov_src if self.ref_is_optical else self.ref
+        return bool(np.issubdtype(np.dtype(sar.dtypes[self.sar_band - 1]), np.floating))
+
     # -- reading -------------------------------------------------------------------------------
     def _bands(self, reference: bool) -> Tuple[int, ...]:
         optical = reference == self.ref_is_optical
@@ -223,9 +241,32 @@ class AlignedPair:
         data[:, ~valid] = np.nan
         return data, valid
 
-    def read_moving_source(self) -> np.ndarray:
-        """All bands of the moving raster as stored (for writing it with a new transform)."""
-        return self.mov_src.read()
+    def read_tile(self, tile: Tile, reference: bool):
+        """:meth:`read` of a tile of :attr:`area` (its offsets relative to the overlap window)."""
+        w = self.window
+        return self.read(Window(w.col_off + tile.col, w.row_off + tile.row, tile.width, tile.height), reference)
+
+    def read_overview(self, reference: bool, shape: Tuple[int, int]):
+        """:meth:`read` of the whole overlap window decimated to ``shape``."""
+        return self.read(self.window, reference, out_shape=shape)
+
+    def read_preview(self, reference: bool, max_side: int = 512):
+        """:meth:`read_overview` at an integer decimation that brings the longest side to at most
+        ``max_side`` pixels (for scene-wide checks)."""
+        w = self.window
+        f = max(1, int(math.ceil(max(w.height, w.width) / max_side)))
+        return self.read_overview(reference, (max(1, int(w.height) // f), max(1, int(w.width) // f)))
+
+    def read_moving_block(self, r0: int, r1: int, c0: int, c1: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Every band of the aligned moving image in rows ``[r0, r1)``, columns ``[c0, c1)`` of the
+        reference grid, for warping: ``(data (C, h, w) float64, valid (h, w) bool)``."""
+        window = Window(c0, r0, c1 - c0, r1 - r0)
+        try:
+            data = self.mov.read(list(range(1, self.moving_count + 1)), window=window).astype(np.float64)
+            valid = (self.mov.read_masks(1, window=window) > 0) & np.isfinite(data).all(0)
+        except RasterioError as exc:
+            raise InputError(f"cannot read {self.mov.name}: {exc}") from None
+        return data, valid
 
 
 def open_pair(
@@ -234,11 +275,13 @@ def open_pair(
     reference: str = "opt",
     bands: Optional[Sequence[int]] = None,
     sar_band: int = 1,
-    resampling: Resampling = Resampling.bilinear,
+    resampling: str = "bilinear",
 ) -> AlignedPair:
-    """Open both rasters, validate them, and build the moving->reference ``WarpedVRT``."""
+    """Open both rasters, validate them, and build the moving->reference ``WarpedVRT``, which
+    resamples with ``resampling`` (a ``--resampling`` name)."""
     if reference not in ("opt", "sar"):
         raise InputError(f"--reference must be 'opt' or 'sar' (got {reference!r})")
+    method = rasterio_resampling(resampling)
     stack = ExitStack()
     try:
         sar = stack.enter_context(open_raster(sar_path, "SAR", allow_gcps=reference == "opt", allow_plain=True))
@@ -259,11 +302,11 @@ def open_pair(
             same_crs = ref.crs == mov.crs  # False for a GCP-only raster (no CRS)
             same_grid = same_crs and ref.transform == mov.transform and ref.shape == mov.shape
             if has_gcps_only(mov):
-                reader = GcpWarpedReader(mov, ref.crs, ref.transform, resampling)
+                reader = GcpWarpedReader(mov, ref.crs, ref.transform, method)
                 stack.callback(reader.close)
             else:
                 vrt_kw = dict(crs=ref.crs, transform=ref.transform, width=ref.width, height=ref.height,
-                              resampling=resampling)
+                              resampling=method)
                 if mov.nodata is not None:
                     vrt_kw["src_nodata"] = mov.nodata
                     vrt_kw["nodata"] = mov.nodata
@@ -320,11 +363,8 @@ def overlap_window(ref: rasterio.DatasetReader, mov: rasterio.DatasetReader) -> 
 
 def check_overlap_has_data(pair: AlignedPair, max_side: int = 512) -> None:
     """Fail early when the overlap holds no valid pixel in either raster."""
-    w = pair.window
-    f = max(1, int(math.ceil(max(w.height, w.width) / max_side)))
-    shape = (max(1, int(w.height) // f), max(1, int(w.width) // f))
-    _, rv = pair.read(w, True, out_shape=shape)
-    _, mv = pair.read(w, False, out_shape=shape)
+    _, rv = pair.read_preview(True, max_side)
+    _, mv = pair.read_preview(False, max_side)
     if not rv.any():
         raise InputError("the reference raster is all nodata inside the overlap")
     if not mv.any():

@@ -1,13 +1,13 @@
 """Atomic, tiled, compressed GeoTIFF (or COG) writing (rasterio only).
 
-Every output is written to a hidden temporary file in the destination folder and renamed into place
+Every output is written to a hidden temporary file in the destination folder (named by
+:func:`soma_cli.atomic.temp_path`, like every other output of the package) and renamed into place
 only when complete, so an interrupted run never leaves a half-written file under the final name.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -16,6 +16,7 @@ import rasterio
 from rasterio.errors import RasterioError
 from rasterio.shutil import copy as rio_copy
 
+from ..atomic import discard, temp_path
 from ..errors import OutputError
 from . import open_quietly
 
@@ -40,12 +41,6 @@ def check_output(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Pa
     if not os.access(p.parent, os.W_OK):
         raise OutputError(f"output folder is not writable: {p.parent}")
     return p
-
-
-def _tmp_path(dest: Path, suffix: str = ".tif") -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
-    os.close(fd)
-    return Path(name)
 
 
 def gtiff_profile(profile: dict, block: int = 256) -> dict:
@@ -75,7 +70,7 @@ def atomic_raster(dest: Path, profile: dict, cog: bool = False,
                   tags: Optional[dict] = None) -> Iterator[rasterio.io.DatasetWriter]:
     """Open a temporary GeoTIFF for writing; on success it replaces ``dest`` (as a COG if asked)."""
     dest = Path(dest)
-    tmp = _tmp_path(dest)
+    tmp = temp_path(dest, ".tif")
     tmp_cog: Optional[Path] = None
     try:
         try:
@@ -89,7 +84,7 @@ def atomic_raster(dest: Path, profile: dict, cog: bool = False,
                     dst.update_tags(**tags)
                 yield dst
             if cog:
-                tmp_cog = _tmp_path(dest)
+                tmp_cog = temp_path(dest, ".tif")
                 rio_copy(tmp, tmp_cog, driver="COG", compress="DEFLATE", BIGTIFF="IF_SAFER")
                 os.replace(tmp_cog, dest)
                 tmp_cog = None
@@ -101,11 +96,8 @@ def atomic_raster(dest: Path, profile: dict, cog: bool = False,
             raise OutputError(f"cannot write {dest}: {exc.strerror or exc}") from None
     finally:
         for p in (tmp, tmp_cog):
-            if p is not None and p.exists():
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
+            if p is not None:
+                discard(p)
 
 
 @contextmanager
@@ -115,7 +107,7 @@ def scratch_raster(folder: Path, width: int, height: int, count: int, dtype: str
 
     It holds pixels only (no georeferencing), so rasterio's "not georeferenced" warning, which
     users would otherwise see on every run, is silenced for it."""
-    tmp = _tmp_path(Path(folder) / "scratch")
+    tmp = temp_path(Path(folder) / "scratch", ".tif")
     prof = dict(driver="GTiff", width=width, height=height, count=count, dtype=dtype, nodata=nodata,
                 tiled=True, blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
     if width < 256 or height < 256:
@@ -128,5 +120,4 @@ def scratch_raster(folder: Path, width: int, height: int, count: int, dtype: str
     except RasterioError as exc:
         raise OutputError(f"cannot use a scratch file in {folder}: {exc}") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        discard(tmp)

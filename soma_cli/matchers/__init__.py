@@ -21,6 +21,7 @@ certainty means: the network's (0.7.0) is calibrated as the probability of being
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Protocol, Tuple
 
 import numpy as np
@@ -58,23 +59,47 @@ class IdentityMatcher:
 
 
 MATCHERS = ("soma", "gradient", "identity", "gefolki")
+#: The options :func:`get_matcher` takes; a matcher ignores those that do not apply to it.
+OPTIONS = ("weights", "device", "batch_size", "threads")
+
+
+def default_threads() -> int:
+    """CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
 
 
 def get_matcher(name: str, **options) -> Matcher:
-    """Build a matcher by name. Options: ``weights``, ``device``, ``batch_size``, ``threads``
-    (ignored where they do not apply)."""
+    """Build a matcher by name.
+
+    Options (:data:`OPTIONS`): ``weights`` and ``device`` (the network), ``batch_size`` (tiles per
+    network call), ``threads`` (CPU threads: torch's for the network, set process-wide; tiles
+    matched concurrently for ``gradient``).  ``threads=None`` keeps torch's own setting and gives
+    ``gradient`` every core this process may use.  An option name not in :data:`OPTIONS` is a
+    :class:`~soma_cli.errors.ConfigError`.
+    """
     from ..errors import ConfigError
 
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown matcher option(s) {', '.join(unknown)}; expected {', '.join(OPTIONS)}")
+    threads = options.get("threads")
     if name == "identity":
         return IdentityMatcher()
     if name == "gradient":
         from .gradient import GradientMatcher
 
-        return GradientMatcher(threads=options.get("threads") or 1)
+        return GradientMatcher(threads=threads or default_threads())
     if name == "soma":
         from .soma import SomaMatcher
 
-        return SomaMatcher(weights=options.get("weights"), device=options.get("device", "auto"),
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        return SomaMatcher(weights=options.get("weights"), device=options.get("device") or "auto",
                            batch_size=options.get("batch_size") or 4)
     if name == "gefolki":
         from .gefolki import GefolkiMatcher
