@@ -50,7 +50,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .errors import ConfigError, InputError, OutputError, SomaError
+from .errors import ConfigError, InputError, OutputError, RegistrationFailed, SomaError
 from .atomic import read_json, to_jsonable, write_json
 from .preprocess import parse_bands
 
@@ -347,6 +347,7 @@ def run_pair(job: dict) -> dict:
         seconds = time.perf_counter() - t0
         rec = {
             "id": job["id"], "status": "ok", "error": None, "seconds": round(seconds, 3),
+            "verdict": result.get("verdict"),
             "median_flow": result.get("median_flow"), "certainty_coverage": result.get("certainty_coverage"),
             "affine": result.get("affine"), "affine_rmse": result.get("affine_rmse"),
             **_flat_qa(result.get("qa")), "qa": result.get("qa"), "tiles": result.get("tiles"),
@@ -356,6 +357,8 @@ def run_pair(job: dict) -> dict:
         write_json(pair_dir / DONE, {"id": job["id"], "finished": _now(), "sar": job["sar"], "opt": job["opt"],
                                      "options": opts, "outputs": _output_sizes(pair_dir), "result": result})
         return rec
+    except RegistrationFailed as exc:  # strict: the verdict is failed, the outputs are written
+        rec = {**_fail_record(job, str(exc), time.perf_counter() - t0), "verdict": exc.result.verdict}
     except SomaError as exc:
         rec = _fail_record(job, str(exc), time.perf_counter() - t0)
     except Exception as exc:  # a bug or an unexpected library error: keep the batch going
@@ -470,7 +473,7 @@ def run_batch(
             res = prev.get("result") or {}
             finish({"id": p.id, "status": "skipped", "error": None if state == "done" else prev.get("error"),
                     "reason": "done" if state == "done" else "failed before (use --retry-failed)",
-                    "seconds": 0.0, "median_flow": res.get("median_flow"),
+                    "seconds": 0.0, "verdict": res.get("verdict"), "median_flow": res.get("median_flow"),
                     "certainty_coverage": res.get("certainty_coverage"), "affine": res.get("affine"),
                     "affine_rmse": res.get("affine_rmse"), **_flat_qa(res.get("qa"))})
             continue

@@ -127,6 +127,8 @@ def register(
     overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
     cog: Annotated[bool, typer.Option(help="Write Cloud-Optimised GeoTIFFs.")] = False,
     repair: Annotated[bool, typer.Option(help="Blend low-certainty outliers towards a smooth, certainty-weighted field.")] = True,
+    strict: Annotated[bool, typer.Option(help="Exit with code 3 when the verdict is failed (the outputs are still written).")] = False,
+    force: Annotated[bool, typer.Option(help="Apply the registration even when the verdict is failed.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")] = False,
 ):
@@ -136,6 +138,7 @@ def register(
     """  # noqa: E501 (one line per paragraph: Typer keeps line breaks)
     import json
 
+    from .errors import RegistrationFailed
     from .pipeline import RegisterOptions
     from .pipeline import register as run_register
 
@@ -143,17 +146,26 @@ def register(
         sar=sar, opt=opt, out=out, reference=reference, method=method, mode=mode, flow_out=flow_out,
         qa_out=qa_out, tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,
         threads=threads, bands=_parse_bands(bands), sar_band=sar_band, sar_scale=sar_scale,
-        resampling=resampling, weights=weights, overwrite=overwrite, cog=cog, repair=repair,
+        resampling=resampling, weights=weights, overwrite=overwrite, cog=cog, repair=repair, strict=strict,
+        force=force,
     )
     bar, update = _progress_bar(quiet or json_out, "tiles")
+    failure = None
     try:
         result = run_register(opts, progress=update)
+    except RegistrationFailed as exc:  # --strict: the summary first, then the one-line error (exit 3)
+        result, failure = exc.result, exc
     finally:
         bar.stop()
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
         _print_register_summary(result)
+    if failure is not None:
+        raise failure
+
+
+_VERDICT_STYLE = {"ok": "green", "doubtful": "yellow", "failed": "bold red"}
 
 
 def _print_register_summary(result) -> None:
@@ -166,13 +178,18 @@ def _print_register_summary(result) -> None:
     if result.qa_out:
         t.add_row("QA", result.qa_out)
     t.add_row("method / mode", f"{result.method} / {result.mode} (reference: {result.reference})")
-    t.add_row("tiles", str(result.tiles))
+    v = result.verdict
+    t.add_row("verdict", f"[{_VERDICT_STYLE[v['status']]}]{v['status']}[/]: {v['reason']}")
+    failures = f" ({v['tile_failures']} without evidence)" if v["tile_failures"] else ""
+    t.add_row("tiles", f"{result.tiles}{failures}")
+    t.add_row("evidence", f"certainty >= {result.evidence_certainty:g} on {100 * v['coverage']:.1f} % of the overlap; "
+              f"trusted tiles hold {100 * v['trusted_share']:.1f} %")
+    t.add_row("edge similarity", f"{v['similarity_before']:.3f} before, {v['similarity_after']:.3f} after")
     t.add_row("median |flow|", f"{result.median_flow:.2f} px")
-    t.add_row("certainty > 0.5", f"{100 * result.certainty_coverage:.1f} % of the overlap")
     t.add_row("repaired", f"{100 * result.repaired_share:.1f} % of the pixels (low certainty or outliers)")
     a = result.affine
     t.add_row("global affine", f"[{a[0][0]:.4f} {a[0][1]:.4f} {a[0][2]:+.2f}; {a[1][0]:.4f} {a[1][1]:.4f} {a[1][2]:+.2f}]"
-              f"  (residual {result.affine_rmse:.2f} px, inliers {100 * result.affine_inliers:.0f} %)")
+              f"  (residual {result.affine_rmse:.2f} px)")
     if result.output_transform:
         t.add_row("new geotransform", ", ".join(f"{v:.6g}" for v in result.output_transform))
     t.add_row("time", f"{result.seconds:.1f} s")
@@ -216,6 +233,7 @@ def batch_cmd(
         help="Local worker processes, one thread each (default: the number of CPU cores).")] = None,
     scheduler: Annotated[Optional[str], typer.Option(
         help="Use an existing Dask cluster, e.g. tcp://host:8786 (paths must be valid on the workers).")] = None,
+    strict: Annotated[bool, typer.Option(help="Count a pair whose verdict is failed as a failed pair.")] = False,
     retry_failed: Annotated[bool, typer.Option(help="Rerun pairs that failed before (default: skip them).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Rerun every pair, replacing its outputs.")] = False,
     html: Annotated[bool, typer.Option("--report/--no-report", help="Write OUT_DIR/report.html at the end.")] = True,
@@ -242,7 +260,7 @@ def batch_cmd(
             err_console.print(f"[yellow]warning:[/] {len(unmatched)} file(s) without a partner: {names}")
     options = dict(reference=reference, method=method, mode=mode, tile_size=tile_size, overlap=overlap,
                    batch_size=batch_size, device=device, bands=_parse_bands(bands), sar_scale=sar_scale,
-                   weights=weights)
+                   weights=weights, strict=strict)
     bar, update = _progress_bar(quiet, "pairs")
     try:
         result = batch_lib.run_batch(pairs, out_dir, options, workers=workers or os.cpu_count() or 1,
@@ -270,14 +288,17 @@ def _print_batch_table(result, page) -> None:
     recs = sorted(result.records, key=lambda r: r["id"])
     shown = recs if len(recs) <= 60 else [r for r in recs if r["status"] == "failed"][:60]
     t = Table(title=f"soma batch: {result.out_dir}", title_justify="left")
-    for col in ("id", "status", "s", "|flow| px", "cert>0.5", "sim before", "sim after", "error / note"):
-        t.add_column(col, justify="left" if col in ("id", "status", "error / note") else "right",
+    for col in ("id", "status", "verdict", "s", "|flow| px", "evidence", "sim before", "sim after", "error / note"):
+        t.add_column(col, justify="left" if col in ("id", "status", "verdict", "error / note") else "right",
                      overflow="fold" if col == "error / note" else "ellipsis")
     style = {"ok": "green", "failed": "red", "skipped": "dim"}
     for r in shown:
-        t.add_row(r["id"], f"[{style.get(r['status'], '')}]{r['status']}[/]", num(r.get("seconds"), "{:.1f}"),
+        v = r.get("verdict") or {}
+        note = r.get("error") or r.get("reason") or (v.get("reason") if v.get("status") not in (None, "ok") else "")
+        t.add_row(r["id"], f"[{style.get(r['status'], '')}]{r['status']}[/]",
+                  f"[{_VERDICT_STYLE[v['status']]}]{v['status']}[/]" if v else "", num(r.get("seconds"), "{:.1f}"),
                   num(r.get("median_flow")), num(r.get("certainty_coverage")), num(r.get("similarity_before"), "{:.3f}"),
-                  num(r.get("similarity_after"), "{:.3f}"), (r.get("error") or r.get("reason") or "")[:200])
+                  num(r.get("similarity_after"), "{:.3f}"), (note or "")[:200])
     con = Console(stderr=True)
     if shown:
         con.print(t)

@@ -43,3 +43,14 @@ class ConfigError(SomaError):
 
 class MatchError(SomaError):
     """Matching failed (for example no valid pixels in the overlap)."""
+
+
+class RegistrationFailed(SomaError):
+    """The verdict on a registration is ``failed`` and ``--strict`` was asked for.  The outputs are
+    written (the moving image unmoved); ``result`` is the :class:`~soma_cli.pipeline.RegisterResult`."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, result):
+        super().__init__(message)
+        self.result = result

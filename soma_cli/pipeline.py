@@ -1,13 +1,16 @@
 """The one orchestrator of ``soma register``.
 
-    read and align inputs -> tile -> match -> stitch the flow -> repair -> warp and write -> QA
+    read and align inputs -> tile -> match -> stitch the flow -> repair -> judge -> warp and write -> QA
 
 Memory is bounded by a strip of rows (about two tiles high) times the scene width, whatever the
-scene size: tiles are matched in row-major order and stitched into strips; the strips go to a
-scratch file, are read back and repaired once the scene-wide fit is known, and are warped and
-written at once.  The stages live in their modules (:mod:`~soma_cli.io.pair`, :mod:`~soma_cli.tiling`,
-:mod:`~soma_cli.matchers`, :mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`, :mod:`~soma_cli.io.sinks`,
-:mod:`~soma_cli.qa`); this module only wires them together.
+scene size: tiles are matched in row-major order (each recording its evidence) and stitched into
+strips; the strips go to a scratch file.  Once the scene-wide fit of the trusted tiles is known,
+they are read back and repaired twice: first to measure the applied field (its overview and the
+edge similarity it gives, for the verdict), then to warp and write it, or, when the verdict is
+failed, the moving image unmoved.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
+:mod:`~soma_cli.tiling`, :mod:`~soma_cli.matchers`, :mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`,
+:mod:`~soma_cli.io.sinks`, :mod:`~soma_cli.qa`, :mod:`~soma_cli.verdict`); this module only wires
+them together.
 """
 
 from __future__ import annotations
@@ -21,15 +24,18 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from . import coords, preprocess, qa, tiling
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, InputError, OutputError, RegistrationFailed
 from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated
 from .io.write import check_output
-from .matchers import Matcher, get_matcher, trust_certainty
+from .matchers import Matcher, evidence_certainty, get_matcher, min_size, trust_certainty
 from .stitch import FlowPrior, FlowSamples, Strip, StripStitcher
+from .verdict import TileEvidence, coverage, judge
 from .warp import RowWarper
 
 Progress = Callable[[int, int], None]
+_IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+_NO_FIT = {"rmse": float("nan"), "inliers": 0.0, "n": 0}
 
 
 @dataclass
@@ -57,6 +63,8 @@ class RegisterOptions:
     overwrite: bool = False
     cog: bool = False
     repair: bool = True  # blend low-certainty outliers towards a smooth certainty-weighted prior
+    strict: bool = False  # a failed verdict raises RegistrationFailed (exit code 3); the outputs are written
+    force: bool = False  # apply a registration whose verdict is failed (when there is evidence to apply)
 
 
 @dataclass
@@ -79,6 +87,8 @@ class RegisterResult:
     sar_scale: str = "auto"
     seconds: float = 0.0
     qa: Optional[dict] = None
+    evidence_certainty: float = 0.5
+    verdict: Dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +130,10 @@ def register(opts: RegisterOptions, progress: Optional[Progress] = None,
     """Co-register ``opts.sar`` and ``opts.opt``; write the aligned image (and flow, QA).
 
     ``matcher`` replaces the one ``opts`` names (built with ``opts.threads`` and the other
-    matcher options by :func:`~soma_cli.matchers.get_matcher`)."""
+    matcher options by :func:`~soma_cli.matchers.get_matcher`).  The result carries the verdict
+    (:mod:`soma_cli.verdict`); a failed registration leaves the moving image where it was (unless
+    ``opts.force``) and, with ``opts.strict``, raises :class:`~soma_cli.errors.RegistrationFailed`
+    after writing."""
     t0 = time.perf_counter()
     _validate(opts)
     with gdal_env(), open_pair(opts.sar, opts.opt, opts.reference, opts.bands, opts.sar_band,
@@ -130,6 +143,8 @@ def register(opts: RegisterOptions, progress: Optional[Progress] = None,
                                   batch_size=opts.batch_size, threads=opts.threads)
         result = _register_pair(opts, pair, matcher, progress)
     result.seconds = round(time.perf_counter() - t0, 3)
+    if opts.strict and result.verdict["status"] == "failed":
+        raise RegistrationFailed(f"registration failed: {result.verdict['reason']} (--strict)", result)
     return result
 
 
@@ -141,12 +156,22 @@ def scene_sar_scale(pair: AlignedPair, sar_scale: str) -> str:
     return preprocess.detect_sar_kind(data[0][valid], pair.sar_is_float)
 
 
+def _check_size(area: tiling.Tile, matcher: Matcher) -> None:
+    need = min_size(matcher)
+    if min(area.height, area.width) < need:
+        raise InputError(f"the overlap is {area.width} x {area.height} px; --method {matcher.name} needs at least "
+                         f"{need} px on each side")
+
+
 class _TileMatcher:
     """Reads, prepares and matches batches of tiles of the overlap window; the flow and certainty
-    come out on the reference grid.  With ``tile_rows`` (a list), each tile's QA scores go there."""
+    come out on the reference grid, the certainty of tiles without evidence discarded
+    (``evidence``).  With ``tile_rows`` (a list), each tile's QA scores go there."""
 
-    def __init__(self, pair: AlignedPair, matcher: Matcher, sar_scale: str, tile_rows: Optional[list]):
-        self.pair, self.matcher, self.sar_scale, self.tile_rows = pair, matcher, sar_scale, tile_rows
+    def __init__(self, pair: AlignedPair, matcher: Matcher, sar_scale: str, evidence: TileEvidence,
+                 tile_rows: Optional[list]):
+        self.pair, self.matcher, self.sar_scale = pair, matcher, sar_scale
+        self.evidence, self.tile_rows = evidence, tile_rows
 
     def __call__(self, batch: List[tiling.Tile]):
         ref_is_opt = self.pair.ref_is_optical
@@ -166,18 +191,21 @@ class _TileMatcher:
             flow, cert = (np.stack(a) for a in zip(*(coords.invert_match_np(f, c) for f, c in zip(flow_o, cert_o))))
         flow = np.asarray(flow, np.float32)
         cert = np.clip(np.asarray(cert, np.float32), 0.0, 1.0) * rv
+        cert = np.stack([self.evidence.record(t, c, r & m) for t, c, r, m in zip(batch, cert, rv, mv)])
         if self.tile_rows is not None:
             self._score(batch, ref, mov, rv, mv, flow, cert)
         return flow, cert, rv
 
     def _score(self, batch, ref, mov, rv, mv, flow, cert) -> None:
         area = self.pair.area
+        first = len(self.evidence.coverage) - len(batch)
         for i, t in enumerate(batch):
             after = coords.warp_np(mov[i], flow[i], order=1, cval=np.nan)
             before = np.where(mv[i], mov[i], np.nan)
             scores = qa.tile_scores(np.where(rv[i], ref[i], np.nan), before, after, flow[i], cert[i], rv[i])
             self.tile_rows.append({"row_off": area.row + t.row, "col_off": area.col + t.col,
-                                   "height": t.height, "width": t.width, **scores})
+                                   "height": t.height, "width": t.width, **scores,
+                                   "coverage": self.evidence.coverage[first + i]})
 
 
 def _stitched_strips(tiles: List[tiling.Tile], match: _TileMatcher, area: tiling.Tile, overlap: int,
@@ -199,90 +227,121 @@ def _stitched_strips(tiles: List[tiling.Tile], match: _TileMatcher, area: tiling
     yield from stitcher.finish()
 
 
+class _SceneField:
+    """The flow a registration applies, read back strip by strip from the scratch file: the
+    stitched flow with its pixels without evidence, and with ``repair`` its outliers, blended
+    towards the scene prior; the prior is fitted to the trusted tiles only (``raw``: the samples
+    of the stitched flow).  ``prior`` is None when no trusted sample can carry a fit: there is
+    nothing to apply then, and :meth:`unmoved` is the field."""
+
+    def __init__(self, raw: FlowSamples, area: tiling.Tile, repair: bool, trust: float):
+        self.area, self.repair, self.trust = area, repair, trust
+        self.prior = None
+        if np.count_nonzero(raw.trusted_mask()) >= 6:
+            affine, _ = raw.fit()
+            self.prior = FlowPrior(*raw.arrays(), affine, area.height, area.width, area.row, area.col)
+
+    def strips(self, scratch: FlowScratch) -> Iterator[Tuple[Strip, int]]:
+        """``(strip, pixels repaired)``, top to bottom."""
+        area = self.area
+        for strip in scratch.strips():
+            if self.repair:
+                out = self.prior.repair(strip, area.row + strip.row0, area.col, trust_cert=self.trust)
+                yield out, int(np.count_nonzero(strip.valid & (out.certainty < strip.certainty)))
+            else:
+                yield self.prior.fill(strip, area.row + strip.row0, area.col), 0
+
+    @staticmethod
+    def unmoved(scratch: FlowScratch) -> Iterator[Tuple[Strip, int]]:
+        """Flow 0 and certainty 0 wherever there was an estimate: the moving image stays as it is."""
+        for strip in scratch.strips():
+            zero = np.zeros_like(strip.certainty)
+            yield Strip(strip.row0, np.where(strip.valid, zero, np.nan)[None].repeat(2, 0), zero, strip.valid), 0
+
+
 @dataclass
 class _FieldLog:
-    """What the final strips leave behind: samples for the fit and the summary, the repair count,
-    and the QA overview."""
+    """What the applied field leaves behind: samples for the fit, the repair count and the overview."""
 
+    overview: qa.FlowOverview
+    trusted_rows: Callable[[int, int], np.ndarray]
     samples: FlowSamples = field(default_factory=FlowSamples)
-    overview: Optional[qa.FlowOverview] = None
     repaired: int = 0
     valid_px: int = 0
 
-
-def _final_strips(strips: Iterator[Strip], scratch: FlowScratch, area: tiling.Tile, repair: bool,
-                  trust: float, log: _FieldLog) -> Iterator[Strip]:
-    """Pass 1: the stitched strips go to ``scratch`` and are sampled for the scene prior.
-    Pass 2: read back, outliers repaired towards the prior, logged and yielded."""
-    raw = FlowSamples()
-    for strip in strips:
-        scratch.write(strip)
-        raw.add(strip, area.row, area.col)
-    prior = None
-    if repair:
-        affine, _ = raw.fit()
-        prior = FlowPrior(*raw.arrays(), affine, area.height, area.width, area.row, area.col)
-    for strip in scratch.strips():
-        valid = strip.valid
-        if prior is not None:
-            before = strip.certainty
-            strip = prior.repair(strip, area.row + strip.row0, area.col, trust_cert=trust)
-            log.repaired += int(np.count_nonzero(valid & (strip.certainty < before)))
-        log.valid_px += int(np.count_nonzero(valid))
-        log.samples.add(strip, area.row, area.col)
-        if log.overview is not None:
-            log.overview.add(strip)
-        yield strip
+    def add(self, strip: Strip, repaired: int, area: tiling.Tile) -> None:
+        self.repaired += repaired
+        self.valid_px += int(np.count_nonzero(strip.valid))
+        self.samples.add(strip, area.row, area.col, self.trusted_rows(strip.row0, strip.flow.shape[1]))
+        self.overview.add(strip)
 
 
 def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                    progress: Optional[Progress]) -> RegisterResult:
     area = pair.area
+    _check_size(area, matcher)
     sar_scale = scene_sar_scale(pair, opts.sar_scale)
     tiles = tiling.layout(area.height, area.width, opts.tile_size, opts.overlap)
+    level = evidence_certainty(matcher)
+    evidence = TileEvidence(area.height, area.width, level)
     tile_rows: Optional[list] = [] if opts.qa_out is not None else None
-    log = _FieldLog(overview=qa.FlowOverview(area.height, area.width) if opts.qa_out is not None else None)
-    match = _TileMatcher(pair, matcher, sar_scale, tile_rows)
+    match = _TileMatcher(pair, matcher, sar_scale, evidence, tile_rows)
     warper = RowWarper(pair.read_moving_block, pair.moving_count, pair.height, pair.width, area.col,
                        coords.SPLINE_ORDERS[opts.resampling])
     tags = {"SOMA_METHOD": opts.method}
     out_transform = None
     with ExitStack() as stack:
         scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width))
+        raw = FlowSamples()
+        for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, progress):
+            scratch.write(strip)
+            raw.add(strip, area.row, area.col, evidence.trusted_rows(strip.row0, strip.flow.shape[1]))
+        scene = _SceneField(raw, area, opts.repair, trust_certainty(matcher))
+        # measure the field before writing it, so that a failed registration is never written
+        log = _FieldLog(qa.FlowOverview(area.height, area.width), evidence.trusted_rows)
+        for strip, repaired in (scene.strips(scratch) if scene.prior is not None else scene.unmoved(scratch)):
+            log.add(strip, repaired, area)
+        affine, stats = log.samples.fit() if scene.prior is not None else (_IDENTITY, _NO_FIT)
+        products = _overview_products(pair, sar_scale, log.overview, affine if opts.mode == "affine" else None)
+        verdict = judge(coverage(raw.arrays()[4], level), *qa.scene_similarity(products),
+                        log.repaired / max(log.valid_px, 1),
+                        # no trusted sample to fit: no tile counts as having evidence
+                        evidence.coverage if scene.prior is not None else [0.0] * len(evidence.coverage),
+                        evidence.pixels)
+        apply = verdict["status"] != "failed" or (opts.force and scene.prior is not None)
+        if verdict["status"] == "failed":
+            if apply:
+                verdict["reason"] += "; applied anyway (--force)"
+            else:
+                affine, products = _IDENTITY, _unmoved_products(products)
+        strips = scene.strips(scratch) if apply else scene.unmoved(scratch)
         flow_sink = None
         if opts.flow_out is not None:
             flow_sink = stack.enter_context(FlowSink(pair, opts.flow_out, cog=opts.cog, tags=tags))
-        strips = _final_strips(_stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, progress),
-                               scratch, area, opts.repair, trust_certainty(matcher), log)
         if opts.mode == "dense":
             with ImageSink(pair, opts.out, cog=opts.cog, tags=tags) as sink:
-                for strip in strips:
+                for strip, _ in strips:
                     row_abs = area.row + strip.row0
                     sink.write(*warper(strip.flow, row_abs), row_abs)
                     if flow_sink is not None:
                         flow_sink.write(strip, row_abs)
-            affine, stats = log.samples.fit()
         else:
-            for strip in strips:
+            for strip, _ in strips:
                 if flow_sink is not None:
                     flow_sink.write(strip, area.row + strip.row0)
-            affine, stats = log.samples.fit()
             out_transform = _write_affine(opts, pair, affine, warper, tags)
-    _, _, dx, dy, cert = log.samples.arrays()
-    mag = np.hypot(dx, dy)
     return RegisterResult(
         out=str(opts.out), flow_out=str(opts.flow_out) if opts.flow_out else None,
         qa_out=str(opts.qa_out) if opts.qa_out else None, method=opts.method, mode=opts.mode,
         reference=opts.reference, tiles=len(tiles),
         window={"col_off": area.col, "row_off": area.row, "width": area.width, "height": area.height},
-        median_flow=float(np.median(mag)) if mag.size else float("nan"),
-        certainty_coverage=float(np.mean(cert > 0.5)) if cert.size else 0.0,
+        median_flow=qa.median_flow(products), certainty_coverage=verdict["coverage"], evidence_certainty=level,
         affine=[[float(v) for v in row] for row in affine], affine_rmse=stats["rmse"],
         affine_inliers=stats["inliers"],
-        repaired_share=log.repaired / max(log.valid_px, 1),
+        repaired_share=verdict["repaired_share"],
         output_transform=list(out_transform)[:6] if out_transform is not None else None,
-        sar_scale=sar_scale,
-        qa=_write_qa(opts, pair, sar_scale, log.overview, affine, tile_rows) if opts.qa_out is not None else None,
+        sar_scale=sar_scale, verdict=verdict,
+        qa=_write_qa(opts, products, tile_rows, verdict) if opts.qa_out is not None else None,
     )
 
 
@@ -299,25 +358,38 @@ def _write_affine(opts: RegisterOptions, pair: AlignedPair, affine: np.ndarray, 
     return None
 
 
-def _write_qa(opts: RegisterOptions, pair: AlignedPair, sar_scale: str, overview: qa.FlowOverview,
-              affine: np.ndarray, tile_rows: list) -> dict:
-    """The QA folder, from an overview of both images and of the flow that was applied."""
+def _overview_products(pair: AlignedPair, sar_scale: str, overview: qa.FlowOverview,
+                       affine: Optional[np.ndarray]) -> dict:
+    """Both images and the applied field on the overview grid (:func:`soma_cli.qa.write_products`'
+    ``overview``): the verdict's edge similarity and the QA pictures come from it.  ``affine``:
+    the field is that affine (``--mode affine``), else the overview's flow."""
     s, shape, area = overview.step, overview.shape, pair.area
     ref, rv = pair.read_overview(True, shape)
     mov, mv = pair.read_overview(False, shape)
     ref_g = np.where(rv, preprocess.prepare(ref, rv, pair.ref_is_optical, sar_scale), np.nan)
     mov_g = np.where(mv, preprocess.prepare(mov, mv, not pair.ref_is_optical, sar_scale), np.nan)
     flow, cert = overview.arrays()
-    if opts.mode == "affine":  # the field that was applied: the fitted affine
+    if affine is not None:
         yy, xx = np.meshgrid(area.row + coords.stride_offsets(0, area.height, s),
                              area.col + coords.stride_offsets(0, area.width, s), indexing="ij")
         flow = np.stack(coords.affine_flow_points_np(affine, xx, yy))
     after = coords.warp_np(np.nan_to_num(mov_g), coords.flow_to_stride_np(np.nan_to_num(flow), s), order=1,
                            cval=np.nan)
     after = np.where(np.isfinite(flow).all(0), after, np.nan)
-    products = {"ref": ref_g.astype(np.float32), "mov_before": mov_g.astype(np.float32),
-                "mov_after": after.astype(np.float32), "flow": flow.astype(np.float32),
-                "certainty": cert.astype(np.float32), "scale": s}
+    return {"ref": ref_g.astype(np.float32), "mov_before": mov_g.astype(np.float32),
+            "mov_after": after.astype(np.float32), "flow": flow.astype(np.float32),
+            "certainty": cert.astype(np.float32), "scale": s}
+
+
+def _unmoved_products(products: dict) -> dict:
+    """The overview products of the moving image left where it was (flow 0, certainty 0)."""
+    flow = products["flow"]
+    return {**products, "mov_after": products["mov_before"], "flow": np.where(np.isfinite(flow), 0.0, np.nan),
+            "certainty": np.zeros_like(products["certainty"])}
+
+
+def _write_qa(opts: RegisterOptions, products: dict, tile_rows: list, verdict: dict) -> dict:
+    """The QA folder, from the overview products and the verdict."""
     qa_dir = Path(opts.qa_out)
     qa_dir.mkdir(exist_ok=True)
-    return qa.write_products(qa_dir, products, tile_rows)
+    return qa.write_products(qa_dir, products, tile_rows, verdict)

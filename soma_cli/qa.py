@@ -47,6 +47,8 @@ FLOW_DEV_MIN_PX = 2.0
 FLOW_DEV_K = 3.0
 MIN_VALID = 64
 GRAD_SIGMA = 1.5  # px, Gaussian derivative scale of the similarity score
+GRAD_REACH = math.ceil(4 * GRAD_SIGMA)  # px, support of that derivative (scipy truncates at 4 sigma)
+FLAT = 1e-3  # a gradient magnitude varying by less than this share of its mean has no edges
 CERTAIN = 0.5  # certainty threshold for "certainty coverage"
 OVERVIEW_MAX = 2048  # px, longest side of the overview
 
@@ -73,23 +75,27 @@ def _gradient_magnitude(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _ncc(u: np.ndarray, v: np.ndarray) -> float:
+    flat = any(float(x.std()) <= FLAT * abs(float(x.mean())) for x in (u, v))
     u = u.astype(np.float64) - u.mean()
     v = v.astype(np.float64) - v.mean()
     den = math.sqrt(float(np.dot(u, u)) * float(np.dot(v, v)))
-    return float(np.dot(u, v) / den) if den > 1e-12 else float("nan")
+    return float(np.dot(u, v) / den) if den > 1e-12 and not flat else float("nan")
 
 
 def gradient_nccs(ref: np.ndarray, movs: Sequence[np.ndarray], valid: Optional[np.ndarray] = None) -> List[float]:
     """NCC of the gradient magnitude of ``ref`` with that of each of ``movs``, all over the SAME
-    pixels: ``valid`` and finite in every image, away (3 px) from invalid ones. NaN when fewer
-    than :data:`MIN_VALID` pixels are usable or an image is flat there."""
+    pixels: ``valid`` and finite in every image, beyond the derivative's reach
+    (:data:`GRAD_REACH`) from invalid ones and from the image border, so that neither the filling
+    of invalid pixels nor the border shows up as an edge. NaN when fewer than :data:`MIN_VALID`
+    pixels are usable or an image has no edges there (its gradient magnitude varies by less than
+    :data:`FLAT` of its mean, as on a ramp)."""
     ref = np.asarray(ref, np.float32)
     ok = np.isfinite(ref)
     for m in movs:
         ok &= np.isfinite(m)
     if valid is not None:
         ok &= np.asarray(valid, bool)
-    inner = ndimage.minimum_filter(ok.view(np.uint8), size=7, mode="constant", cval=1).astype(bool)
+    inner = ndimage.minimum_filter(ok.view(np.uint8), size=2 * GRAD_REACH + 1, mode="constant", cval=0).astype(bool)
     if inner.sum() < MIN_VALID:
         return [float("nan")] * len(movs)
     g = _gradient_magnitude(ref, ok)[inner]
@@ -333,18 +339,34 @@ class FlowOverview:
 
 
 
+def median_flow(overview: dict) -> float:
+    """Median |flow| of the applied field over the overview pixels where both images are valid
+    (the ``median_flow`` of :func:`write_products` and of ``soma register``'s summary)."""
+    flow = np.asarray(overview["flow"], np.float32)
+    ok = np.isfinite(overview["ref"]) & np.isfinite(overview["mov_before"]) & np.isfinite(flow).all(axis=0)
+    return float(np.median(np.hypot(flow[0][ok], flow[1][ok]))) if ok.any() else float("nan")
+
+
+def scene_similarity(overview: dict) -> List[float]:
+    """Edge similarity (:func:`gradient_nccs`) of the reference with the moving image before and
+    after, over the overview pixels where both images are valid."""
+    ref, before = overview["ref"], overview["mov_before"]
+    return gradient_nccs(ref, [before, overview["mov_after"]], np.isfinite(ref) & np.isfinite(before))
+
+
 def _median(vals) -> float:
     v = [float(x) for x in vals if _finite(x)]
     return float(np.median(v)) if v else float("nan")
 
 
-def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict]) -> dict:
+def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict], verdict: Optional[dict] = None) -> dict:
     """Write the QA folder and return the scene summary (also ``summary.json``).
 
     ``overview``: decimated whole-scene arrays ``ref``, ``mov_before``, ``mov_after`` (float32,
     NaN = nodata), ``flow`` (2, h, w) in full-resolution reference pixels, ``certainty`` (h, w),
     and ``scale`` (the decimation factor). ``tile_rows``: one dict per tile, :func:`tile_scores`
-    plus the window ``row_off``, ``col_off``, ``height``, ``width``.
+    plus the window ``row_off``, ``col_off``, ``height``, ``width``.  ``verdict``: the
+    registration's (:func:`soma_cli.verdict.judge`), kept in the summary as it is.
     """
     import matplotlib
 
@@ -382,7 +404,7 @@ def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict]) -> d
     scored = [r for r in rows if _finite(r.get("similarity_before")) and _finite(r.get("similarity_after"))]
     sim_b = _median(r["similarity_before"] for r in scored)
     sim_a = _median(r["similarity_after"] for r in scored)
-    scene_sim = gradient_nccs(ref, [before, after], valid)
+    scene_sim = scene_similarity(overview)
     mv = mag[np.isfinite(mag)]
     cv = cert_v[np.isfinite(cert_v)]
     n_out = sum(1 for r in rows if r["outlier"])
@@ -401,7 +423,7 @@ def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict]) -> d
         "degraded_tiles": sum(1 for r in rows if r.get("degraded")),
         "median_dx": float(np.median(flow_v[0][np.isfinite(mag)])) if mv.size else float("nan"),
         "median_dy": float(np.median(flow_v[1][np.isfinite(mag)])) if mv.size else float("nan"),
-        "median_flow": float(np.median(mv)) if mv.size else float("nan"),
+        "median_flow": median_flow(overview),
         "p95_flow": float(np.percentile(mv, 95)) if mv.size else float("nan"),
         "mean_certainty": float(np.mean(cv)) if cv.size else float("nan"),
         "certainty_coverage": float(np.mean(cv > CERTAIN)) if cv.size else float("nan"),
@@ -413,5 +435,7 @@ def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict]) -> d
                          f"scene median flow| > max({FLOW_DEV_MIN_PX} px, {FLOW_DEV_K} * 1.4826 * MAD)"),
         "files": list(PRODUCTS),
     }
+    if verdict is not None:
+        summary["verdict"] = verdict
     write_json(qa_dir / "summary.json", summary)
     return to_jsonable(summary)

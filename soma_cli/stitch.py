@@ -99,16 +99,20 @@ class StripStitcher:
 @dataclass
 class FlowSamples:
     """Flow samples every :data:`SAMPLE_STEP` pixels (absolute reference pixels), gathered strip by
-    strip, for the scene-wide affine fit, the repair prior and the run summary."""
+    strip, for the scene-wide affine fit, the repair prior and the run summary.  Each sample
+    remembers whether it lies in a trusted tile (one with evidence, :mod:`soma_cli.verdict`): the
+    fit uses those only."""
 
     x: List[np.ndarray] = field(default_factory=list)
     y: List[np.ndarray] = field(default_factory=list)
     dx: List[np.ndarray] = field(default_factory=list)
     dy: List[np.ndarray] = field(default_factory=list)
     cert: List[np.ndarray] = field(default_factory=list)
+    trusted: List[np.ndarray] = field(default_factory=list)
 
-    def add(self, strip: Strip, row_abs0: int, col_abs0: int) -> None:
-        """Sample a strip of an area whose origin is absolute pixel ``(col_abs0, row_abs0)``."""
+    def add(self, strip: Strip, row_abs0: int, col_abs0: int, trusted: Optional[np.ndarray] = None) -> None:
+        """Sample a strip of an area whose origin is absolute pixel ``(col_abs0, row_abs0)``;
+        ``trusted`` (like ``strip.valid``) marks the pixels of trusted tiles (default: all)."""
         rows = coords.stride_offsets(strip.row0, strip.flow.shape[1], SAMPLE_STEP)
         if not rows.size:
             return
@@ -119,15 +123,20 @@ class FlowSamples:
                              np.arange(0, strip.flow.shape[2], SAMPLE_STEP) + col_abs0, indexing="ij")
         self.x.append(xx[ok]), self.y.append(yy[ok]), self.dx.append(f[0][ok]), self.dy.append(f[1][ok])
         self.cert.append(c[ok])
+        self.trusted.append(np.ones(int(ok.sum()), bool) if trusted is None else trusted[rows, ::SAMPLE_STEP][ok])
 
     def arrays(self) -> Tuple[np.ndarray, ...]:
         """``(x, y, dx, dy, certainty)`` of every sample."""
         cat = lambda a: np.concatenate(a) if a else np.zeros(0)  # noqa: E731
         return cat(self.x), cat(self.y), cat(self.dx), cat(self.dy), cat(self.cert)
 
+    def trusted_mask(self) -> np.ndarray:
+        """Per sample (in :meth:`arrays` order): does it lie in a trusted tile?"""
+        return np.concatenate(self.trusted) if self.trusted else np.zeros(0, bool)
+
     def fit(self) -> Tuple[np.ndarray, dict]:
-        """Robust, certainty-weighted global affine of the samples: ``(2x3, stats)``."""
-        x, y, dx, dy, cert = self.arrays()
+        """Robust, certainty-weighted global affine of the samples in trusted tiles: ``(2x3, stats)``."""
+        x, y, dx, dy, cert = (a[self.trusted_mask()] for a in self.arrays())
         if x.size < 6:
             raise MatchError("no valid flow estimate in the overlap")
         return coords.fit_affine_points_np(x, y, x + dx, y + dy, np.maximum(cert, 1e-3))
@@ -208,3 +217,12 @@ class FlowPrior:
         wgt = np.where(np.isfinite(dev), wgt, 1.0)
         out = np.where(strip.valid, wgt * np.nan_to_num(f) + (1 - wgt) * prior, np.nan).astype(np.float32)
         return Strip(strip.row0, out, (c * wgt).astype(np.float32), strip.valid)
+
+    def fill(self, strip: Strip, row_abs: int, col_abs: int) -> Strip:
+        """Only the pixels without any certainty (the tiles without evidence among them) take the
+        prior; every other pixel keeps its flow (``--no-repair``)."""
+        none = strip.valid & (strip.certainty <= 0)
+        if not none.any():
+            return strip
+        prior = self.field(row_abs, col_abs, strip.flow.shape[1], strip.flow.shape[2])
+        return Strip(strip.row0, np.where(none, prior, strip.flow).astype(np.float32), strip.certainty, strip.valid)

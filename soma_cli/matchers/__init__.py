@@ -13,10 +13,15 @@ The contract (RoMa-style: images in, warp and certainty out)::
 
 Matchers are built by :func:`get_matcher` from a name (``gradient``, ``soma``, ``identity``, ...).
 
-A matcher may set ``trust_certainty`` (default :data:`TRUST_CERTAINTY`): the certainty below which
-``soma register``'s outlier repair replaces a pixel that deviates more than 5 px from the smooth
-scene prior (:meth:`soma_cli.stitch.FlowPrior.repair`).  It depends on what the matcher's
-certainty means: the network's (0.7.0) is calibrated as the probability of being within 1 px.
+A matcher may set, depending on what its certainty means (the network's is calibrated as the
+probability of being within 1 px):
+
+* ``trust_certainty`` (default :data:`TRUST_CERTAINTY`): the certainty below which ``soma
+  register``'s outlier repair replaces a pixel that deviates more than 5 px from the smooth scene
+  prior (:meth:`soma_cli.stitch.FlowPrior.repair`);
+* ``evidence_certainty`` (default :data:`EVIDENCE_CERTAINTY`): the certainty from which a pixel
+  counts as evidence for the verdict and the fallback (:mod:`soma_cli.verdict`);
+* ``min_size`` (default 1): the smallest overlap side, in pixels, it can register.
 """
 
 from __future__ import annotations
@@ -28,11 +33,22 @@ import numpy as np
 
 
 TRUST_CERTAINTY = 0.5
+EVIDENCE_CERTAINTY = 0.5
 
 
 def trust_certainty(matcher) -> float:
     """The matcher's ``trust_certainty``, or :data:`TRUST_CERTAINTY`."""
     return float(getattr(matcher, "trust_certainty", TRUST_CERTAINTY))
+
+
+def evidence_certainty(matcher) -> float:
+    """The matcher's ``evidence_certainty``, or :data:`EVIDENCE_CERTAINTY`."""
+    return float(getattr(matcher, "evidence_certainty", EVIDENCE_CERTAINTY))
+
+
+def min_size(matcher) -> int:
+    """The matcher's ``min_size``, or 1."""
+    return int(getattr(matcher, "min_size", 1))
 
 
 class Matcher(Protocol):
