@@ -379,7 +379,7 @@ def train_cmd(
     best = (f"best certainty cross-entropy {-res['best_cmr1']:.3f}" if only == "certainty"
             else f"best relative CMR@1px {res['best_cmr1']:.3f}")
     typer.echo(f"step {res['step']} ({res['stop']}): val relative CMR@1px {v['rel_cmr1']:.3f}, relative median "
-               f"{v['rel_median_rmse']:.3f} px (absolute: CMR@1px {v['cmr1']:.3f}, median {v['median_rmse']:.3f} px), "
+               f"{v['rel_rmse_median']:.3f} px (absolute: CMR@1px {v['cmr1']:.3f}, median {v['rmse_median']:.3f} px), "
                f"certainty cross-entropy {v['cert_bce']:.3f}; {best}; checkpoints in {out}")
 
 
@@ -392,7 +392,7 @@ def export_cmd(
     training_command: Annotated[str, typer.Option("--training-command", help="Recorded in the metadata.")] = "",
 ):
     """TorchScript-export a checkpoint with its metadata JSON (sha256), verified by reloading."""
-    from .train import export
+    from .model.export import export
 
     meta = export(checkpoint, output, overwrite=overwrite, training_data=training_data,
                   training_command=training_command)

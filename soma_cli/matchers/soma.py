@@ -13,9 +13,8 @@ class SomaMatcher:
     """Matcher contract of :mod:`soma_cli.matchers` backed by the shipped (or given) weights."""
 
     name = "soma"
-    # the certainty is calibrated (0.7.0: the probability of being within 1 px), so a pixel more
-    # than 5 px off the scene prior is only kept when it is 90 % sure; at the old 0.5 the whole-scene
-    # benchmark kept failed steep-terrain areas (model card, "What changed in 0.7.0")
+    # the certainty is calibrated (the probability of being within 1 px), so a pixel more than 5 px
+    # off the scene prior is only kept when it is 90 % sure
     trust_certainty = 0.9
 
     def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4):
@@ -24,7 +23,7 @@ class SomaMatcher:
             infer.tune_cpu_allocator()
         self.model, self.metadata = load_weights(weights, device=str(self.device))
         self.batch_size = batch_size
-        self.multiple = int(self.metadata.get("tile_multiple", infer.TILE_MULTIPLE))
+        self.multiple = int(self.metadata["tile_multiple"])
 
     def match(self, opt, sar, opt_valid=None, sar_valid=None):
         return infer.run_model(self.model, opt, sar, opt_valid, sar_valid, batch_size=self.batch_size,
