@@ -7,7 +7,7 @@ only when complete, so an interrupted run never leaves a half-written file under
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -43,9 +43,9 @@ def check_output(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Pa
 
 
 def _tmp_path(dest: Path, suffix: str = ".tif") -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + suffix, dir=dest.parent)
-    os.close(fd)
-    return Path(name)
+    # a fresh name, not a file: GDAL creates it with the umask's permissions (mkstemp's 0600 would
+    # carry over to the product)
+    return dest.parent / f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
 
 
 def gtiff_profile(profile: dict, block: int = 256) -> dict:
