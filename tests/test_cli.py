@@ -248,15 +248,16 @@ def test_three_band_sar_warns_in_one_line(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
-def test_outputs_follow_the_umask(tmp_path, monkeypatch, capsys, umask):
+def test_outputs_follow_the_umask(tmp_path, umask):
+    from soma_cli.pipeline import RegisterOptions, register
+
+    opts = RegisterOptions(sar=SAR, opt=OPT, out=tmp_path / "a.tif", flow_out=tmp_path / "d.tif",
+                           qa_out=tmp_path / "qa", method="identity", cog=True)
     before = os.umask(umask)
     try:
-        code, _, err = _soma_inproc(monkeypatch, capsys, "register", SAR, OPT, "-o", tmp_path / "a.tif",
-                                    "--flow-out", tmp_path / "d.tif", "--qa-out", tmp_path / "qa",
-                                    "--method", "identity", "--cog", "-q")
+        register(opts)
     finally:
         os.umask(before)
-    assert code == 0, err
     products = [tmp_path / "a.tif", tmp_path / "d.tif", *sorted((tmp_path / "qa").iterdir())]
     assert len(products) > 4
     for p in products:
