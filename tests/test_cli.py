@@ -172,6 +172,17 @@ def test_ctrl_c_stops_a_batch_and_its_workers(tmp_path):
     assert all((out / i / "done.json").is_file() for i in ("a", "b"))
 
 
+def test_ctrl_c_stops_training(tmp_path):
+    from test_train import _tiny_cache
+
+    cache = _tiny_cache(tmp_path, seed=0, size=320)
+    run = tmp_path / "run"
+    proc = _start("train", cache, "--out", run, "--crop", "256", "--val-chip", "256", "--steps", "1000",
+                  "--threads", "1", cwd=tmp_path)
+    seconds = _interrupt_when(proc, lambda: (run / "log.jsonl").is_file())  # training steps under way
+    _assert_interrupted(proc, seconds)
+
+
 def test_interrupted_library_call_cleans_up_or_is_abandoned(tmp_path):
     """The library call stops at its next progress report and cleans up; one stuck in a native call
     is abandoned after a grace period, and this process's temporary files are removed for it."""
