@@ -15,7 +15,7 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 
 from soma_cli import batch, report
-from soma_cli.errors import ConfigError, InputError, OutputError
+from soma_cli.errors import BandError, ConfigError, InputError, OutputError, SomaWarning
 
 SIZE = 192
 SHIFT = (2.0, -1.0)  # (dx, dy): optical pixel (c, r) shows up in the SAR at (c + dx, r + dy)
@@ -119,12 +119,15 @@ def test_batch_runs_resumes_isolates_failures_and_reports(tmp_path, inputs, clie
     assert sorted(r["id"] for r in log) == ["p1", "p2", "p3"]
     assert {r["status"] for r in log} == {"ok", "failed"} and all("seconds" in r for r in log)
 
-    # rerun: done pairs and the failed one are skipped, nothing is rewritten
+    # rerun: done pairs are skipped, the failed one is not run again but still counts as failed;
+    # nothing is rewritten
     mtime = (out / "p1" / "aligned.tif").stat().st_mtime_ns
     res2, recs2 = _run(inputs, out, client)
-    assert res2.counts() == {"ok": 0, "failed": 0, "skipped": 3}
+    assert res2.counts() == {"ok": 0, "failed": 1, "skipped": 2} and res2.has_failures()
     assert recs2["p1"]["median_flow"] == recs["p1"]["median_flow"]  # carried over from done.json
-    assert "failed before" in recs2["p3"]["reason"]
+    assert recs2["p3"]["status"] == "failed" and recs2["p3"]["error"] == bad["error"]
+    assert "--retry-failed" in recs2["p3"]["reason"] and "--retry-failed" in res2.summary()
+    assert res2.summary().startswith("0 ok, 1 failed, 2 skipped")
     assert (out / "p1" / "aligned.tif").stat().st_mtime_ns == mtime
     assert len(_runlog(out)) == 6
 
@@ -246,6 +249,45 @@ def test_out_dir_guard(tmp_path):
         batch.run_batch([pair], tmp_path, {"method": "identity"})
 
 
+def test_run_interrupted_before_any_pair_finished_resumes(tmp_path, client, monkeypatch):
+    """The run folder is claimed (run log created) before any work: a run interrupted while its
+    first pairs are still running is resumed, not refused as a foreign folder."""
+    s, o = make_pair(tmp_path / "in", "r1", seed=3)
+    pairs = [batch.BatchPair("r1", s, o)]
+    out = tmp_path / "out"
+
+    def interrupted(jobs, *args):
+        for job in jobs:  # the workers got going: partial outputs, no done.json
+            Path(job["pair_dir"]).mkdir(parents=True)
+            (Path(job["pair_dir"]) / ".aligned.tif.1.abcd.tmp.tif").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(batch, "_run_jobs", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            batch.run_batch(pairs, out, {"method": "gradient"}, client=client)
+    assert (out / batch.RUNLOG).is_file()
+    res = batch.run_batch(pairs, out, {"method": "gradient"}, client=client)
+    assert res.counts() == {"ok": 1, "failed": 0, "skipped": 0} and batch.is_done(out / "r1")
+
+
+def test_collect_pairs_and_glob_hints(tmp_path):
+    for sub, names in (("sar", ["S1_20200101.tif", "S1_20200202.tif"]), ("opt", ["S2_20200101.tif", "x.tif"])):
+        (tmp_path / sub).mkdir()
+        for n in names:
+            (tmp_path / sub / n).write_bytes(b"")
+    with pytest.raises(InputError, match="share a key.*--key-regex"):
+        batch.collect_pairs(sar_glob=str(tmp_path / "sar/*.tif"), opt_glob=str(tmp_path / "opt/*.tif"))
+    with pytest.warns(SomaWarning, match=r"2 file\(s\) without a partner: ") as seen:
+        pairs = batch.collect_pairs(sar_glob=str(tmp_path / "sar/*.tif"), opt_glob=str(tmp_path / "opt/*.tif"),
+                                    key_regex=r"_(\d{8})")
+    assert "S1_20200202.tif" in str(seen[0].message) and "x.tif" in str(seen[0].message)
+    assert [p.id for p in pairs] == ["20200101"]
+    for kw in ({}, {"manifest": tmp_path / "m.csv", "sar_glob": "a"}, {"sar_glob": "a"}):
+        with pytest.raises(ConfigError, match="either a MANIFEST.csv or both"):
+            batch.collect_pairs(**kw)
+
+
 def test_cli_batch_glob_and_report(tmp_path):
     """The real CLI path: a local cluster of worker processes, glob pairing, then ``soma report``."""
     from typer.testing import CliRunner
@@ -324,7 +366,7 @@ def test_one_band_list_parser_and_json_reader(tmp_path):
     assert parse_bands("4,3,2") == parse_bands("4 3 2") == parse_bands(" 4, 3;2 ") == (4, 3, 2)
     assert parse_bands(None) is None
     for bad in ("", "r,g", "0,1", "4,-1"):
-        with pytest.raises(ConfigError, match="band list"):
+        with pytest.raises(BandError, match="band list"):
             parse_bands(bad)
     (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
     (tmp_path / "bad.json").write_text('{"a": ')

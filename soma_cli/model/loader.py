@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -39,16 +40,14 @@ def sha256_file(path: Path) -> str:
 
 def default_weights_path() -> Path:
     """``$SOMA_WEIGHTS`` if set, else ``weights/soma-<version>.pt`` of the source tree (editable
-    install or clone), else the copy shipped as package data (``soma_cli/weights/``)."""
+    install or clone), else the copy installed with the package (``soma_cli/weights/``)."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
-    pkg = Path(__file__).resolve().parents[1]  # soma_cli/
-    candidates = [pkg.parent / "weights" / WEIGHTS_NAME, pkg / "weights" / WEIGHTS_NAME]
-    for c in candidates:
-        if c.is_file():
-            return c
-    return candidates[0]
+    source_tree = Path(__file__).resolve().parents[2] / "weights" / WEIGHTS_NAME
+    if source_tree.is_file():
+        return source_tree
+    return Path(str(resources.files("soma_cli") / "weights" / WEIGHTS_NAME))
 
 
 def read_metadata(weights: Path) -> dict:
