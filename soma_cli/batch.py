@@ -13,11 +13,11 @@ Inputs
 
 Outputs (``OUT_DIR``)
 ---------------------
-``<id>/aligned.tif``, ``<id>/flow.tif``, ``<id>/qa/`` (from :func:`soma_cli.pipeline.register`),
-``<id>/done.json`` (written atomically LAST: the outputs and their sizes plus the result), or
-``<id>/failed.json`` (the error) and ``runlog.jsonl`` (one JSON line per pair and run; created
-before any work starts, it marks the folder as a batch folder, so a run interrupted at any point
-resumes).
+``<id>/aligned.tif``, ``<id>/flow.tif``, ``<id>/tiepoints.gpkg``, ``<id>/qa/`` (from
+:func:`soma_cli.pipeline.register`), ``<id>/done.json`` (written atomically LAST: the outputs and
+their sizes plus the result), or ``<id>/failed.json`` (the error) and ``runlog.jsonl`` (one JSON
+line per pair and run; created before any work starts, it marks the folder as a batch folder, so
+a run interrupted at any point resumes).
 
 Resuming
 --------
@@ -62,13 +62,13 @@ from .atomic import read_json, to_jsonable, write_json
 from .preprocess import parse_bands
 
 ROW_OPTIONS = ("reference", "method", "mode", "bands", "sar_scale", "tile_size", "overlap", "weights")
-OUTPUTS = ("aligned.tif", "flow.tif")
+OUTPUTS = ("aligned.tif", "flow.tif", "tiepoints.gpkg")
 DONE = "done.json"
 FAILED = "failed.json"
 RUNLOG = "runlog.jsonl"
 PLUGIN_NAME = "soma-matcher-cache"
 
-_CHOICES = {"reference": ("opt", "sar"), "mode": ("dense", "affine")}
+_CHOICES = {"reference": ("opt", "sar"), "mode": ("dense", "affine", "gcps")}
 _ID_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 _EXTS = (".tif", ".tiff")
 _KEY_HINT = "pair them by a shared part of the file name with --key-regex, e.g. --key-regex '_(\\d{8})'"
@@ -365,7 +365,8 @@ def run_pair(job: dict) -> dict:
         matcher, cached, worker = _worker_matcher(method, _matcher_options(opts))
         ropts = RegisterOptions(
             sar=Path(job["sar"]), opt=Path(job["opt"]), out=pair_dir / "aligned.tif",
-            flow_out=pair_dir / "flow.tif", qa_out=pair_dir / "qa", overwrite=True, **opts,
+            flow_out=pair_dir / "flow.tif", tiepoints_out=pair_dir / "tiepoints.gpkg", qa_out=pair_dir / "qa",
+            overwrite=True, **opts,
         )
         result = register(ropts, matcher=matcher).to_dict()
         seconds = time.perf_counter() - t0

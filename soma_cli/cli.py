@@ -161,15 +161,24 @@ def _remove_own_temp_files(outputs: Sequence[Optional[Path]]) -> None:
     "soma register s1_vh.tif s2_rgb.tif -o aligned.tif",
     "soma register s1.tif s2_l1c.tif -o aligned.tif --flow-out disp.tif --qa-out qa/ --bands 4,3,2",
     "soma register s1.tif s2.tif -o s2_on_s1.tif --reference sar --mode affine --json",
+    "soma register s1.tif s2.tif -o s1_gcps.tif --mode gcps --tiepoints-out tiepoints.gpkg",
 ))
 def register(
     sar: Annotated[Path, typer.Argument(metavar="SAR", help="SAR GeoTIFF (amplitude, intensity, dB or 8-bit scaled).")],
     opt: Annotated[Path, typer.Argument(metavar="OPT", help="Optical GeoTIFF (1, 3, 4 or 13 bands; 8/16-bit or float).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output: the moving image, aligned, on the reference grid.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=(
+        "Output: the moving image, aligned, on the reference grid (with --mode gcps: on its own grid, "
+        "with ground control points)."))],
     reference: Annotated[str, typer.Option(help="Which image is the reference grid: opt or sar.")] = "opt",
     method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient (training-free) or identity.")] = "soma",
-    mode: Annotated[str, typer.Option(help="dense: resample with the dense field; affine: one global affine fit.")] = "dense",
+    mode: Annotated[str, typer.Option(
+        help="dense: resample with the dense field; affine: one global affine fit; gcps: the moving image's "
+             "pixels unchanged with ground control points from the reliable tie points (for gdalwarp -tps).")] = "dense",
     flow_out: Annotated[Optional[Path], typer.Option(help="Write the displacement raster (dx, dy, certainty).")] = None,
+    tiepoints_out: Annotated[Optional[Path], typer.Option(
+        help="Write tie points (a regular grid on the reference: map position, displacement in pixels and "
+             "map units, certainty, reliable flag) to this GeoPackage (.gpkg).")] = None,
+    tiepoint_step: Annotated[int, typer.Option(help="Reference pixels between tie points.")] = 64,
     qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = 512,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = 128,
@@ -192,6 +201,11 @@ def register(
     The displacement raster (--flow-out) is on the reference grid: band 1 dx, band 2 dy in
     reference pixels, band 3 certainty; reference pixel (c, r) matches the moving image (already on
     the reference grid) at (c + dx, r + dy).
+
+    Tie points (--tiepoints-out) sample that field every --tiepoint-step reference pixels, with map
+    coordinates in the reference CRS. --mode gcps keeps the moving image's own pixels and grid and
+    georeferences them by ground control points from the reliable tie points: gdalwarp -tps puts
+    them on the reference.
     """
     import json
 
@@ -203,10 +217,11 @@ def register(
         qa_out=qa_out, tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,
         threads=threads, bands=parse_bands(bands), sar_band=sar_band, sar_scale=sar_scale,
         resampling=resampling, weights=weights, overwrite=overwrite, cog=cog, repair=repair,
+        tiepoints_out=tiepoints_out, tiepoint_step=tiepoint_step,
     )
     with _Progress(quiet or json_out, "tiles") as bar:
         result = _run_interruptibly(lambda report: run_register(opts, progress=report), bar.update,
-                                    outputs=(out, flow_out, qa_out))
+                                    outputs=(out, flow_out, qa_out, tiepoints_out))
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
@@ -222,6 +237,11 @@ def _print_register_summary(result) -> None:
         t.add_row("displacement", result.flow_out)
     if result.qa_out:
         t.add_row("QA", result.qa_out)
+    if result.tiepoints:
+        tp = result.tiepoints
+        gcps = f", {tp['gcps']} ground control points in the output" if tp["gcps"] is not None else ""
+        t.add_row("tie points", f"{result.tiepoints_out or 'not written'}: {tp['points']}, "
+                                f"{tp['reliable']} reliable{gcps}")
     t.add_row("method / mode", f"{result.method} / {result.mode} (reference: {result.reference})")
     t.add_row("tiles", str(result.tiles))
     t.add_row("median |flow|", f"{result.median_flow:.2f} px")
@@ -258,7 +278,7 @@ def batch_cmd(
              "(default: the file name without .tif).")] = None,
     reference: Annotated[str, typer.Option(help="Reference grid: opt or sar.")] = "opt",
     method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient, identity, ...")] = "soma",
-    mode: Annotated[str, typer.Option(help="dense or affine.")] = "dense",
+    mode: Annotated[str, typer.Option(help="dense, affine or gcps (see soma register --help).")] = "dense",
     tile_size: Annotated[int, typer.Option(help="Tile size in pixels.")] = 512,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Tiles per matcher call.")] = 4,
@@ -277,8 +297,9 @@ def batch_cmd(
 ):
     """Register many pairs in parallel (Dask), resumably: done pairs are skipped on a rerun.
 
-    Per pair: OUT_DIR/ID/aligned.tif, flow.tif, qa/, and done.json (written last) or failed.json;
-    OUT_DIR/runlog.jsonl gets one JSON line per pair. Exit code 1 when a pair failed (now or before).
+    Per pair: OUT_DIR/ID/aligned.tif, flow.tif, tiepoints.gpkg, qa/, and done.json (written last)
+    or failed.json; OUT_DIR/runlog.jsonl gets one JSON line per pair. Exit code 1 when a pair
+    failed (now or before).
     """
     from . import batch as batch_lib
 

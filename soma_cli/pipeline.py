@@ -1,6 +1,7 @@
 """The one orchestrator of ``soma register``.
 
     read and align inputs -> tile -> match -> stitch the flow -> repair -> warp and write -> QA
+                                                                        -> tie points
 
 Memory is bounded by a strip of rows (about two tiles high) times the scene width, whatever the
 scene size: tiles are matched in row-major order and stitched into strips; the strips go to a
@@ -21,12 +22,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from . import coords, preprocess, qa, tiling
-from .errors import ConfigError, OutputError
+from .errors import ConfigError, GeoreferenceError, OutputError
 from .io.pair import AlignedPair, gdal_env, open_pair
-from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated
+from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated, write_with_gcps
+from .io.tiepoints import write_tiepoints
 from .io.write import check_output
 from .matchers import Matcher, get_matcher, trust_certainty
 from .stitch import FlowPrior, FlowSamples, Strip, StripStitcher
+from .tiepoints import TiePoints, TiePointSampler
 from .warp import RowWarper
 
 Progress = Callable[[int, int], None]
@@ -57,6 +60,8 @@ class RegisterOptions:
     overwrite: bool = False
     cog: bool = False
     repair: bool = True  # blend low-certainty outliers towards a smooth certainty-weighted prior
+    tiepoints_out: Optional[Path] = None  # GeoPackage of tie points
+    tiepoint_step: int = 64  # reference pixels between tie points (and GCPs before thinning)
 
 
 @dataclass
@@ -79,6 +84,8 @@ class RegisterResult:
     sar_scale: str = "auto"
     seconds: float = 0.0
     qa: Optional[dict] = None
+    tiepoints_out: Optional[str] = None
+    tiepoints: Optional[dict] = None  # {"points", "reliable", "gcps"} when tie points were sampled
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,8 +94,10 @@ class RegisterResult:
 def _validate(opts: RegisterOptions) -> None:
     if opts.reference not in ("opt", "sar"):
         raise ConfigError(f"--reference must be 'opt' or 'sar' (got {opts.reference!r})")
-    if opts.mode not in ("dense", "affine"):
-        raise ConfigError(f"--mode must be 'dense' or 'affine' (got {opts.mode!r})")
+    if opts.mode not in ("dense", "affine", "gcps"):
+        raise ConfigError(f"--mode must be 'dense', 'affine' or 'gcps' (got {opts.mode!r})")
+    if opts.tiepoint_step < 1:
+        raise ConfigError("--tiepoint-step must be at least 1")
     if opts.resampling not in coords.SPLINE_ORDERS:
         raise ConfigError(f"--resampling must be one of {', '.join(coords.SPLINE_ORDERS)}")
     if opts.batch_size < 1:
@@ -105,6 +114,11 @@ def _validate(opts: RegisterOptions) -> None:
         check_output(opts.flow_out, opts.overwrite, inputs)
         if Path(opts.flow_out).resolve() == Path(opts.out).resolve():
             raise OutputError("--flow-out must differ from the output image")
+    if opts.tiepoints_out is not None:
+        tp = Path(opts.tiepoints_out)
+        if tp.suffix.lower() != ".gpkg":
+            raise OutputError(f"--tiepoints-out is written as a GeoPackage: give it a .gpkg name (got {tp.name})")
+        check_output(tp, opts.overwrite, inputs)
     if opts.qa_out is not None:
         q = Path(opts.qa_out)
         if not q.parent.is_dir():
@@ -206,6 +220,7 @@ class _FieldLog:
 
     samples: FlowSamples = field(default_factory=FlowSamples)
     overview: Optional[qa.FlowOverview] = None
+    tiepoints: Optional[TiePointSampler] = None
     repaired: int = 0
     valid_px: int = 0
 
@@ -232,16 +247,23 @@ def _final_strips(strips: Iterator[Strip], scratch: FlowScratch, area: tiling.Ti
         log.samples.add(strip, area.row, area.col)
         if log.overview is not None:
             log.overview.add(strip)
+        if log.tiepoints is not None:
+            log.tiepoints.add(strip)
         yield strip
 
 
 def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                    progress: Optional[Progress]) -> RegisterResult:
     area = pair.area
+    if opts.mode == "gcps" and pair.mov_src.crs is None:
+        raise GeoreferenceError("--mode gcps needs a moving raster with a CRS and a geotransform "
+                                "(not ground control points only, nor a plain image)")
     sar_scale = scene_sar_scale(pair, opts.sar_scale)
     tiles = tiling.layout(area.height, area.width, opts.tile_size, opts.overlap)
     tile_rows: Optional[list] = [] if opts.qa_out is not None else None
     log = _FieldLog(overview=qa.FlowOverview(area.height, area.width) if opts.qa_out is not None else None)
+    if opts.tiepoints_out is not None or opts.mode == "gcps":
+        log.tiepoints = TiePointSampler(opts.tiepoint_step, area)
     match = _TileMatcher(pair, matcher, sar_scale, tile_rows)
     warper = RowWarper(pair.read_moving_block, pair.moving_count, pair.height, pair.width, area.col,
                        coords.SPLINE_ORDERS[opts.resampling])
@@ -267,7 +289,10 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                 if flow_sink is not None:
                     flow_sink.write(strip, area.row + strip.row0)
             affine, stats = log.samples.fit()
-            out_transform = _write_affine(opts, pair, affine, warper, tags)
+            if opts.mode == "affine":
+                out_transform = _write_affine(opts, pair, affine, warper, tags)
+    tie_summary = _write_tiepoints(opts, pair, log.tiepoints.table(pair.ref.transform), tags) \
+        if log.tiepoints is not None else None
     _, _, dx, dy, cert = log.samples.arrays()
     mag = np.hypot(dx, dy)
     return RegisterResult(
@@ -283,7 +308,18 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         output_transform=list(out_transform)[:6] if out_transform is not None else None,
         sar_scale=sar_scale,
         qa=_write_qa(opts, pair, sar_scale, log.overview, affine, tile_rows) if opts.qa_out is not None else None,
+        tiepoints_out=str(opts.tiepoints_out) if opts.tiepoints_out else None, tiepoints=tie_summary,
     )
+
+
+def _write_tiepoints(opts: RegisterOptions, pair: AlignedPair, points: TiePoints, tags: dict) -> dict:
+    """GCP mode's output image (from the reliable tie points) and the tie point GeoPackage."""
+    gcps = None
+    if opts.mode == "gcps":
+        gcps = write_with_gcps(pair, opts.out, points.take(points.gcp_indices()), cog=opts.cog, tags=tags)
+    if opts.tiepoints_out is not None:
+        write_tiepoints(opts.tiepoints_out, points, pair.ref.crs)
+    return {"points": len(points), "reliable": int(np.count_nonzero(points.reliable)), "gcps": gcps}
 
 
 def _write_affine(opts: RegisterOptions, pair: AlignedPair, affine: np.ndarray, warper: RowWarper, tags: dict):

@@ -94,7 +94,7 @@ def test_batch_runs_resumes_isolates_failures_and_reports(tmp_path, inputs, clie
     for pid in ("p1", "p2"):
         r = recs[pid]
         assert r["status"] == "ok" and r["error"] is None
-        for name in ("aligned.tif", "flow.tif", "done.json", "qa/summary.json", "qa/tiles.csv"):
+        for name in ("aligned.tif", "flow.tif", "tiepoints.gpkg", "done.json", "qa/summary.json", "qa/tiles.csv"):
             assert (out / pid / name).is_file(), name
         assert batch.is_done(out / pid)
         # the synthetic shift is recovered (the gradient matcher is sub-pixel on this texture)
@@ -181,11 +181,12 @@ def test_is_done_requires_every_listed_output(tmp_path):
     assert batch.pair_state(d) == "todo"
     (d / "aligned.tif").write_bytes(b"12345")
     (d / "flow.tif").write_bytes(b"123")
-    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 3}}))
+    (d / "tiepoints.gpkg").write_bytes(b"1")
+    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 3, "tiepoints.gpkg": 1}}))
     assert batch.pair_state(d) == "done"
-    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5}}))  # flow.tif not listed
+    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "tiepoints.gpkg": 1}}))  # no flow.tif
     assert batch.pair_state(d) == "todo"
-    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 4}}))
+    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 4, "tiepoints.gpkg": 1}}))
     assert batch.pair_state(d) == "todo"
     (d / batch.FAILED).write_text("{}")
     assert batch.pair_state(d) == "failed"
