@@ -24,6 +24,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def set_threads(n: int) -> None:
+    """Torch's CPU threads for the next network calls (process-wide)."""
+    if torch.get_num_threads() != int(n):
+        torch.set_num_threads(int(n))
+
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2

@@ -16,12 +16,13 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from . import coords, preprocess, qa, tiling
+from . import __version__, coords, preprocess, qa, tiling
 from .errors import ConfigError, GeoreferenceError, OutputError
 from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated, write_with_gcps
@@ -261,7 +262,8 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
     sar_scale = scene_sar_scale(pair, opts.sar_scale)
     tiles = tiling.layout(area.height, area.width, opts.tile_size, opts.overlap)
     tile_rows: Optional[list] = [] if opts.qa_out is not None else None
-    log = _FieldLog(overview=qa.FlowOverview(area.height, area.width) if opts.qa_out is not None else None)
+    log = _FieldLog(overview=qa.FlowOverview(area.height, area.width, tile_rows, (area.row, area.col))
+                    if opts.qa_out is not None else None)
     if opts.tiepoints_out is not None or opts.mode == "gcps":
         log.tiepoints = TiePointSampler(opts.tiepoint_step, area)
     match = _TileMatcher(pair, matcher, sar_scale, tile_rows)
@@ -307,7 +309,8 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         repaired_share=log.repaired / max(log.valid_px, 1),
         output_transform=list(out_transform)[:6] if out_transform is not None else None,
         sar_scale=sar_scale,
-        qa=_write_qa(opts, pair, sar_scale, log.overview, affine, tile_rows) if opts.qa_out is not None else None,
+        qa=_write_qa(opts, pair, matcher, sar_scale, log.overview, affine, tile_rows) if opts.qa_out is not None
+        else None,
         tiepoints_out=str(opts.tiepoints_out) if opts.tiepoints_out else None, tiepoints=tie_summary,
     )
 
@@ -335,8 +338,53 @@ def _write_affine(opts: RegisterOptions, pair: AlignedPair, affine: np.ndarray, 
     return None
 
 
-def _write_qa(opts: RegisterOptions, pair: AlignedPair, sar_scale: str, overview: qa.FlowOverview,
-              affine: np.ndarray, tile_rows: list) -> dict:
+def _run_meta(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher, sar_scale: str) -> dict:
+    """What the QA summary records of the run: inputs, outputs, method, versions, date, settings."""
+    weights = None
+    if opts.method == "soma":
+        from .model.loader import default_weights_path
+
+        meta = getattr(matcher, "metadata", {}) or {}
+        weights = {"file": Path(opts.weights or default_weights_path()).name, "sha256": meta.get("sha256"),
+                   "version": meta.get("version")}
+    return {
+        "inputs": {"sar": str(opts.sar), "opt": str(opts.opt)},
+        "outputs": {"image": str(opts.out), "flow": str(opts.flow_out) if opts.flow_out else None,
+                    "tiepoints": str(opts.tiepoints_out) if opts.tiepoints_out else None},
+        "method": opts.method, "mode": opts.mode, "reference": opts.reference,
+        "soma_version": __version__, "weights": weights,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"tile_size": opts.tile_size, "overlap": opts.overlap, "bands": list(pair.optical_bands),
+                     "sar_band": opts.sar_band, "sar_scale": opts.sar_scale, "sar_scale_used": sar_scale,
+                     "resampling": opts.resampling, "repair": opts.repair, "device": opts.device},
+    }
+
+
+def _qa_crop(opts: RegisterOptions, pair: AlignedPair, sar_scale: str, overview: qa.FlowOverview,
+             affine: np.ndarray) -> dict:
+    """The overview's full-resolution region for the QA alignment picture: reference, moving before
+    and after the flow that was applied (read with a margin the flow can reach, prepared as the
+    matcher saw them), that flow and the certainty."""
+    area, (r, c, h, w) = pair.area, overview.region
+    flow, cert = overview.region_arrays()
+    if opts.mode == "affine":
+        yy, xx = np.mgrid[area.row + r:area.row + r + h, area.col + c:area.col + c + w]
+        flow = np.stack(coords.affine_flow_points_np(affine, xx, yy)).astype(np.float32)
+    m = int(np.ceil(np.nanmax(np.abs(flow), initial=0.0))) + 2
+    r0, c0 = max(0, r - m), max(0, c - m)
+    ref, rv = pair.read_tile(tiling.Tile(r, c, h, w), True)
+    mov, mv = pair.read_tile(tiling.Tile(r0, c0, min(area.height, r + h + m) - r0, min(area.width, c + w + m) - c0),
+                             False)
+    ref = np.where(rv, preprocess.prepare(ref, rv, pair.ref_is_optical, sar_scale), np.nan)
+    mov = np.where(mv, preprocess.prepare(mov, mv, not pair.ref_is_optical, sar_scale), np.nan)
+    shift = np.array([c - c0, r - r0], np.float32)[:, None, None]
+    return {"ref": ref, "mov_before": mov[r - r0:r - r0 + h, c - c0:c - c0 + w],
+            "mov_after": coords.warp_np(mov, np.nan_to_num(flow) + shift, order=1, cval=np.nan),
+            "flow": flow, "certainty": cert, "origin": (area.row + r, area.col + c)}
+
+
+def _write_qa(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher, sar_scale: str,
+              overview: qa.FlowOverview, affine: np.ndarray, tile_rows: list) -> dict:
     """The QA folder, from an overview of both images and of the flow that was applied."""
     s, shape, area = overview.step, overview.shape, pair.area
     ref, rv = pair.read_overview(True, shape)
@@ -353,7 +401,8 @@ def _write_qa(opts: RegisterOptions, pair: AlignedPair, sar_scale: str, overview
     after = np.where(np.isfinite(flow).all(0), after, np.nan)
     products = {"ref": ref_g.astype(np.float32), "mov_before": mov_g.astype(np.float32),
                 "mov_after": after.astype(np.float32), "flow": flow.astype(np.float32),
-                "certainty": cert.astype(np.float32), "scale": s}
+                "certainty": cert.astype(np.float32), "scale": s, "origin": (area.row, area.col)}
     qa_dir = Path(opts.qa_out)
     qa_dir.mkdir(exist_ok=True)
-    return qa.write_products(qa_dir, products, tile_rows)
+    return qa.write_products(qa_dir, products, tile_rows, meta=_run_meta(opts, pair, matcher, sar_scale),
+                             crop=_qa_crop(opts, pair, sar_scale, overview, affine))

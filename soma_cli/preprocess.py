@@ -63,9 +63,9 @@ def parse_bands(text: Optional[str]) -> Optional[Tuple[int, ...]]:
     try:
         bands = tuple(int(p) for p in parts)
     except ValueError:
-        raise BandError(f"bad band list {text!r}: expected integers like '4,3,2'") from None
+        raise ConfigError(f"bad band list {text!r}: expected integers like '4,3,2'") from None
     if not bands or min(bands) < 1:
-        raise BandError(f"bad band list {text!r}: band numbers start at 1")
+        raise ConfigError(f"bad band list {text!r}: band numbers start at 1")
     return bands
 
 

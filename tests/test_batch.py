@@ -15,7 +15,7 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 
 from soma_cli import batch, report
-from soma_cli.errors import BandError, ConfigError, InputError, OutputError, SomaWarning
+from soma_cli.errors import ConfigError, InputError, OutputError, SomaWarning
 
 SIZE = 192
 SHIFT = (2.0, -1.0)  # (dx, dy): optical pixel (c, r) shows up in the SAR at (c + dx, r + dy)
@@ -367,7 +367,7 @@ def test_one_band_list_parser_and_json_reader(tmp_path):
     assert parse_bands("4,3,2") == parse_bands("4 3 2") == parse_bands(" 4, 3;2 ") == (4, 3, 2)
     assert parse_bands(None) is None
     for bad in ("", "r,g", "0,1", "4,-1"):
-        with pytest.raises(BandError, match="band list"):
+        with pytest.raises(ConfigError, match="band list"):
             parse_bands(bad)
     (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
     (tmp_path / "bad.json").write_text('{"a": ')

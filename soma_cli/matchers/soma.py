@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import infer
+from ..cpu import CpuShare
 from ..model.loader import load_weights
 
 
@@ -17,14 +18,20 @@ class SomaMatcher:
     # off the scene prior is only kept when it is 90 % sure
     trust_certainty = 0.9
 
-    def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4):
+    def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4,
+                 threads: Optional[int] = None):
         self.device = infer.resolve_device(device or "auto")
         if self.device.type == "cpu":
             infer.tune_cpu_allocator()
         self.model, self.metadata = load_weights(weights, device=str(self.device))
         self.batch_size = batch_size
         self.multiple = int(self.metadata["tile_multiple"])
+        self.cpu = CpuShare(threads)
+        if self.cpu.pinned:
+            infer.set_threads(self.cpu.pinned)
 
     def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        if self.device.type == "cpu" and not self.cpu.pinned:
+            infer.set_threads(self.cpu.threads())
         return infer.run_model(self.model, opt, sar, opt_valid, sar_valid, batch_size=self.batch_size,
                                device=self.device, multiple=self.multiple)
