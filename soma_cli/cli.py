@@ -239,8 +239,8 @@ def _print_register_summary(result) -> None:
         t.add_row("QA", result.qa_out)
     if result.tiepoints:
         tp = result.tiepoints
-        gcps = f", {tp['gcps']} ground control points in the output" if tp["gcps"] is not None else ""
-        t.add_row("tie points", f"{result.tiepoints_out or 'not written'}: {tp['points']}, "
+        gcps = f", {tp['gcps']} of them ground control points in the output" if tp["gcps"] is not None else ""
+        t.add_row("tie points", f"{result.tiepoints_out or 'not written'}: {tp['points']} points, "
                                 f"{tp['reliable']} reliable{gcps}")
     t.add_row("method / mode", f"{result.method} / {result.mode} (reference: {result.reference})")
     t.add_row("tiles", str(result.tiles))

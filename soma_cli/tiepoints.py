@@ -41,8 +41,8 @@ FIELDS = (
     ("row", "reference pixel row (0-based)"),
     ("x", "map x of the reference pixel centre (reference CRS; image coordinates col + 0.5 without one)"),
     ("y", "map y of the reference pixel centre (reference CRS; image coordinates row + 0.5, down, without one)"),
-    ("dx_px", "column displacement in reference pixels: the reference pixel matches the moving image "
-              "(on the reference grid) at (col + dx_px, row + dy_px)"),
+    ("dx_px", ("column displacement in reference pixels: the reference pixel matches the moving image "
+               "(on the reference grid) at (col + dx_px, row + dy_px)")),
     ("dy_px", "row displacement in reference pixels"),
     ("dx_map", "map x of the matched point minus x (map units of the reference CRS)"),
     ("dy_map", "map y of the matched point minus y (map units of the reference CRS)"),
@@ -77,7 +77,7 @@ class TiePoints:
         """The arrays in the order of :data:`FIELDS`."""
         return [getattr(self, name) for name, _ in FIELDS]
 
-    def take(self, idx: np.ndarray) -> "TiePoints":
+    def take(self, idx: np.ndarray) -> TiePoints:
         """The points ``idx``."""
         return TiePoints(self.step, *(getattr(self, f.name)[idx] for f in fields(self)[1:]))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+
 import numpy as np
 from pyogrio import raw
 from pyogrio.errors import DataLayerError, DataSourceError
