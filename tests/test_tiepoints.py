@@ -14,6 +14,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.transform import GCPTransformer, from_origin
 from rasterio.warp import reproject
+from rasterio.warp import transform as warp_transform
 
 from soma_cli import coords
 from soma_cli.errors import GeoreferenceError, MatchError, OutputError
@@ -140,6 +141,29 @@ def test_gcp_output_warped_by_tps_reproduces_the_dense_output(tmp_path, pair):
     diff = np.abs(warped - 1000.0 - dense_px)[inner]
     assert np.isfinite(diff).all()
     assert diff.max() < 0.15 and diff.mean() < 0.05
+
+
+def test_gcps_of_a_moving_raster_in_another_crs(tmp_path):
+    """The match goes from the reference CRS into the moving raster's CRS before its geotransform."""
+    rng = np.random.default_rng(2)
+    opt = write(tmp_path / "opt.tif", (rng.random((1, N, N)) * 1000).astype(np.float32), REF_T)
+    (x0, x1), (y0, y1) = warp_transform(CRS, "EPSG:3857", [499800.0, 504040.0], [3800200.0, 3795960.0])
+    mov_t = from_origin(x0, y0, 12.0, 12.0)
+    mov_crs_size = int(np.ceil(max(x1 - x0, y0 - y1) / 12.0))
+    sar = write(tmp_path / "sar.tif", (rng.random((1, mov_crs_size, mov_crs_size)) * 200).astype(np.float32),
+                mov_t, crs="EPSG:3857")
+    res = register(opts((sar, opt), tmp_path / "g.tif", mode="gcps", tiepoint_step=32), matcher=FieldMatcher())
+    assert res.tiepoints["gcps"] == 144
+    with rasterio.open(tmp_path / "g.tif") as g:
+        gcps, gcp_crs = g.gcps
+    assert gcp_crs == CRS
+    r, c = np.mgrid[24:N - 24:7, 24:N - 24:7]
+    f = field(N, N)[:, r, c]
+    mx, my = warp_transform(CRS, "EPSG:3857", *(a.ravel() for a in coords.pixel_to_map(REF_T, c + f[0], r + f[1])))
+    expected = np.stack(coords.map_to_image(mov_t, np.array(mx), np.array(my)))
+    with GCPTransformer(gcps, tps=True) as tps:
+        line, pixel = tps.rowcol(*(a.ravel() for a in coords.pixel_to_map(REF_T, c, r)), op=lambda v: v)
+    assert np.abs(np.stack([pixel, line]) - expected).max() < 0.01
 
 
 def test_gcps_need_enough_reliable_points_and_a_georeferenced_moving_image(tmp_path, pair):
