@@ -293,8 +293,9 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
             affine, stats = log.samples.fit()
             if opts.mode == "affine":
                 out_transform = _write_affine(opts, pair, affine, warper, tags)
-    tie_summary = _write_tiepoints(opts, pair, log.tiepoints.table(pair.ref.transform), tags) \
-        if log.tiepoints is not None else None
+        # before the flow sink closes: a failure here leaves no displacement raster behind
+        tie_summary = _write_tiepoints(opts, pair, log.tiepoints.table(pair.ref.transform), tags) \
+            if log.tiepoints is not None else None
     _, _, dx, dy, cert = log.samples.arrays()
     mag = np.hypot(dx, dy)
     return RegisterResult(

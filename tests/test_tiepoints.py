@@ -169,8 +169,9 @@ def test_gcps_of_a_moving_raster_in_another_crs(tmp_path):
 def test_gcps_need_enough_reliable_points_and_a_georeferenced_moving_image(tmp_path, pair):
     low = FieldMatcher(lambda h, w: np.full((h, w), 0.2))
     with pytest.raises(MatchError, match="reliable tie points"):
-        register(opts(pair, tmp_path / "g.tif", mode="gcps"), matcher=low)
-    assert not (tmp_path / "g.tif").exists()
+        register(opts(pair, tmp_path / "g.tif", mode="gcps", flow_out=tmp_path / "f.tif"), matcher=low)
+    assert not (tmp_path / "g.tif").exists() and not (tmp_path / "f.tif").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files
     plain = [tmp_path / n for n in ("s.png", "o.png")]
     for p in plain:
         with rasterio.open(p, "w", driver="PNG", width=N, height=N, count=1, dtype="uint8") as ds:
