@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from soma_cli import train
+from soma_cli.model.checkpoint import load_model_checkpoint
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10)
     a = ap.parse_args()
     dev = torch.device(a.device)
-    model = train.load_model_checkpoint(a.checkpoint).to(dev).eval()
+    model = load_model_checkpoint(a.checkpoint).to(dev).eval()
     x = torch.randn(a.batch, 1, a.size, a.size, device=dev)
     with torch.inference_mode():
         for _ in range(3):

@@ -13,28 +13,32 @@ Inputs
 
 Outputs (``OUT_DIR``)
 ---------------------
-``<id>/aligned.tif``, ``<id>/flow.tif``, ``<id>/qa/`` (from :func:`soma_cli.pipeline.register`),
-``<id>/done.json`` (written atomically LAST: the outputs and their sizes plus the result), or
-``<id>/failed.json`` (the error) and ``runlog.jsonl`` (one JSON line per pair and run).
+``<id>/aligned.tif``, ``<id>/flow.tif``, ``<id>/tiepoints.gpkg``, ``<id>/qa/`` (from
+:func:`soma_cli.pipeline.register`), ``<id>/done.json`` (written atomically LAST: the outputs and
+their sizes plus the result), or ``<id>/failed.json`` (the error) and ``runlog.jsonl`` (one JSON
+line per pair and run; created before any work starts, it marks the folder as a batch folder, so
+a run interrupted at any point resumes).
 
 Resuming
 --------
 A pair is *done* when ``done.json`` parses and every output it lists exists with the recorded
-size; done pairs are skipped. A pair with ``failed.json`` is skipped too unless
-``retry_failed`` (a corrupt input would only fail again). Anything else (never run, or killed
-mid-run: outputs without ``done.json``, stray temporary files) is run again from scratch.
-``overwrite`` reruns every pair.
+size; done pairs are skipped. A pair with ``failed.json`` is not run again unless
+``retry_failed`` (a corrupt input would only fail again) and still counts as failed. Anything
+else (never run, or killed mid-run: outputs without ``done.json``, stray temporary files) is run
+again from scratch. ``overwrite`` reruns every pair.
 
 Parallelism
 -----------
 A local cluster of ``workers`` processes with one thread each, or an existing cluster
 (``scheduler="tcp://host:port"``; the inputs and ``OUT_DIR`` must then be visible at the same
 paths on every worker). Each worker builds a matcher once (a :class:`MatcherCache` worker plugin)
-and reuses it for all its pairs.
+and reuses it for all its pairs. Ctrl-C reaches the driver only (the local cluster's workers
+block it), which stops the workers at once and closes the cluster with its logging silenced.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import glob
 import json
@@ -42,28 +46,33 @@ import logging
 import math
 import os
 import re
+import signal
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from .errors import ConfigError, InputError, OutputError, RegistrationFailed, SomaError
+from .errors import ConfigError, InputError, OutputError, RegistrationFailed, SomaError, SomaWarning
 from .atomic import read_json, to_jsonable, write_json
 from .preprocess import parse_bands
 
 ROW_OPTIONS = ("reference", "method", "mode", "bands", "sar_scale", "tile_size", "overlap", "weights")
-OUTPUTS = ("aligned.tif", "flow.tif")
+OUTPUTS = ("aligned.tif", "flow.tif", "tiepoints.gpkg")
 DONE = "done.json"
 FAILED = "failed.json"
 RUNLOG = "runlog.jsonl"
 PLUGIN_NAME = "soma-matcher-cache"
 
-_CHOICES = {"reference": ("opt", "sar"), "mode": ("dense", "affine")}
+_CHOICES = {"reference": ("opt", "sar"), "mode": ("dense", "affine", "gcps")}
 _ID_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 _EXTS = (".tif", ".tiff")
+_KEY_HINT = "pair them by a shared part of the file name with --key-regex, e.g. --key-regex '_(\\d{8})'"
+_FAILED_BEFORE = "failed in an earlier run (--retry-failed reruns it)"
 
 
 @dataclass(frozen=True)
@@ -204,9 +213,24 @@ def pairs_from_globs(
         unmatched.append(sars.get(k) or opts[k])
     pairs = [BatchPair(_clean_id(k, "key"), sars[k], opts[k]) for k in sorted(set(sars) & set(opts))]
     if not pairs:
-        raise InputError(f"no SAR/optical files share a key ({len(unmatched)} unmatched file(s))")
+        raise InputError(f"no SAR/optical files share a key ({len(unmatched)} unmatched file(s)); {_KEY_HINT}")
     _check_unique(pairs, "glob pairing")
     return pairs, unmatched
+
+
+def collect_pairs(manifest: Optional[Path] = None, sar_glob: Optional[str] = None, opt_glob: Optional[str] = None,
+                  key_regex: Optional[str] = None) -> List[BatchPair]:
+    """The pairs of a manifest, or of two globs (files without a partner: a :class:`SomaWarning`)."""
+    if (manifest is None) == (sar_glob is None and opt_glob is None) or (manifest is None and not (sar_glob and opt_glob)):
+        raise ConfigError("give either a MANIFEST.csv or both --sar-glob and --opt-glob")
+    if manifest is not None:
+        return read_manifest(manifest)
+    pairs, unmatched = pairs_from_globs(sar_glob, opt_glob, key_regex)
+    if unmatched:
+        names = ", ".join(p.name for p in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
+        warnings.warn(SomaWarning(f"{len(unmatched)} file(s) without a partner: {names}"
+                                  + ("" if key_regex else f"; {_KEY_HINT}")), stacklevel=2)
+    return pairs
 
 
 # ----------------------------------------------------------------------------- state on disk
@@ -341,7 +365,8 @@ def run_pair(job: dict) -> dict:
         matcher, cached, worker = _worker_matcher(method, _matcher_options(opts))
         ropts = RegisterOptions(
             sar=Path(job["sar"]), opt=Path(job["opt"]), out=pair_dir / "aligned.tif",
-            flow_out=pair_dir / "flow.tif", qa_out=pair_dir / "qa", overwrite=True, **opts,
+            flow_out=pair_dir / "flow.tif", tiepoints_out=pair_dir / "tiepoints.gpkg", qa_out=pair_dir / "qa",
+            overwrite=True, **opts,
         )
         result = register(ropts, matcher=matcher).to_dict()
         seconds = time.perf_counter() - t0
@@ -400,9 +425,17 @@ class BatchResult:
         return c
 
     def has_failures(self) -> bool:
-        """True when a pair failed in this run or was skipped because it failed before."""
-        return any(r["status"] == "failed" or (r["status"] == "skipped" and r.get("reason") != "done")
-                   for r in self.records)
+        """True when a pair failed, in this run or in an earlier one."""
+        return any(r["status"] == "failed" for r in self.records)
+
+    def summary(self) -> str:
+        """One line: the counts, the time, the rate of the pairs run, and how to rerun old failures."""
+        c = self.counts()
+        ran = sum(1 for r in self.records if r["status"] != "skipped" and r.get("reason") != _FAILED_BEFORE)
+        before = sum(1 for r in self.records if r.get("reason") == _FAILED_BEFORE)
+        rate = f", {60 * ran / self.seconds:.2f} pairs/min" if ran and self.seconds > 0 else ""
+        return (f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped in {self.seconds:.1f} s{rate}"
+                + (f"; {before} {_FAILED_BEFORE}" if before else ""))
 
 
 def _append_log(path: Path, rec: dict) -> None:
@@ -413,13 +446,15 @@ def _append_log(path: Path, rec: dict) -> None:
         os.fsync(fh.fileno())
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def _claim_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create ``out_dir`` and its run log before any work, so that it is a batch folder from then on."""
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and not overwrite and not (out_dir / RUNLOG).is_file() and any(out_dir.iterdir()):
         raise OutputError(f"{out_dir}: not empty and not a soma batch folder (no {RUNLOG}); use --overwrite")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RUNLOG).touch()
     except OSError as exc:
         raise OutputError(f"{out_dir}: cannot create ({exc.strerror})") from None
 
@@ -428,7 +463,7 @@ def run_batch(
     pairs: Sequence[BatchPair],
     out_dir: Path,
     options: Optional[dict] = None,
-    workers: int = 1,
+    workers: Optional[int] = None,
     scheduler: Optional[str] = None,
     retry_failed: bool = False,
     overwrite: bool = False,
@@ -441,17 +476,18 @@ def run_batch(
     ``options``: batch-wide :class:`~soma_cli.pipeline.RegisterOptions` fields (``method``,
     ``mode``, ``device``, ``threads``, ...), overridden per pair by the manifest. ``client``: an
     existing ``distributed.Client`` (tests); else ``scheduler`` or a new local cluster of
-    ``workers`` processes (threads when ``processes=False``), one thread each.
-    ``progress(done, total, record)`` is called after each pair (skipped ones included).
+    ``workers`` processes (default: one per CPU core; threads when ``processes=False``), one
+    thread each. ``progress(done, total, record)`` is called after each pair (skipped ones included).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     _check_unique(pairs, "batch")
+    workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     base = check_options(dict(options or {}), "batch options")
     base.setdefault("threads", 1)
-    _check_out_dir(out_dir, overwrite)
+    _claim_out_dir(out_dir, overwrite)
     log = out_dir / RUNLOG
     run_id = _now()
     total = len(pairs)
@@ -471,9 +507,11 @@ def run_batch(
             prev = read_json(out_dir / p.id / (DONE if state == "done" else FAILED))
             prev = prev if isinstance(prev, dict) else {}
             res = prev.get("result") or {}
-            finish({"id": p.id, "status": "skipped", "error": None if state == "done" else prev.get("error"),
-                    "reason": "done" if state == "done" else "failed before (use --retry-failed)",
-                    "seconds": 0.0, "verdict": res.get("verdict"), "median_flow": res.get("median_flow"),
+            finish({"id": p.id, "status": "skipped" if state == "done" else "failed",
+                    "error": None if state == "done" else prev.get("error"),
+                    "reason": "done" if state == "done" else _FAILED_BEFORE,
+                    "seconds": 0.0, "verdict": res.get("verdict", prev.get("verdict")),
+                    "median_flow": res.get("median_flow"),
                     "certainty_coverage": res.get("certainty_coverage"), "affine": res.get("affine"),
                     "affine_rmse": res.get("affine_rmse"), **_flat_qa(res.get("qa"))})
             continue
@@ -486,7 +524,7 @@ def run_batch(
 
 
 def _run_jobs(jobs, finish, workers, scheduler, client, processes) -> None:
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
 
     cluster = own_client = None
     try:
@@ -497,11 +535,7 @@ def _run_jobs(jobs, finish, workers, scheduler, client, processes) -> None:
                 except (OSError, TimeoutError) as exc:
                     raise ConfigError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
             else:
-                cluster = LocalCluster(n_workers=min(workers, len(jobs)), threads_per_worker=1,
-                                       processes=processes, dashboard_address=None,
-                                       # no dashboard; its HTTP health server on a free port
-                                       scheduler_kwargs={"dashboard_address": ":0"},
-                                       silence_logs=logging.ERROR)
+                cluster = _local_cluster(min(workers, len(jobs)), processes)
                 own_client = Client(cluster)
             client = own_client
         client.register_plugin(MatcherCache(), name=PLUGIN_NAME)
@@ -517,8 +551,58 @@ def _run_jobs(jobs, finish, workers, scheduler, client, processes) -> None:
                 rec = _fail_record(job, f"{type(exc).__name__}: {exc}", math.nan)
                 _write_failed(Path(job["pair_dir"]), rec)
             finish(rec)
+    except BaseException:  # Ctrl-C, or a failing driver: stop now, without the shutdown chatter
+        with _silenced_logging():
+            _close(own_client, cluster, now=True)
+        raise
+    _close(own_client, cluster)
+
+
+def _local_cluster(workers: int, processes: bool):
+    """A local cluster of ``workers`` one-thread workers whose processes never see Ctrl-C (a
+    terminal sends it to the whole process group; a worker would print its own tracebacks).
+
+    SIGINT is blocked in this thread while the cluster starts: the threads it creates, and the
+    worker processes they spawn (now or on a restart), inherit the blocked signal, and a Ctrl-C
+    meanwhile is delivered once the cluster is up and can be closed. multiprocessing's resource
+    tracker is started before: starting it unblocks SIGINT in the thread that does."""
+    from multiprocessing import resource_tracker
+
+    from distributed import LocalCluster
+
+    def start():
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=None,
+                            # no dashboard; its HTTP health server on a free port
+                            scheduler_kwargs={"dashboard_address": ":0"}, silence_logs=logging.ERROR)
+
+    if not processes or not hasattr(signal, "pthread_sigmask"):  # threads, or Windows
+        return start()
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return start()
     finally:
-        if own_client is not None:
-            own_client.close()
-        if cluster is not None:
-            cluster.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _close(client, cluster, now: bool = False) -> None:
+    """Close our client and local cluster; ``now``: stop workers that are mid-pair within a second
+    (a graceful close waits seconds for their tasks)."""
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        if now:
+            cluster.sync(lambda: asyncio.gather(*(w.close(timeout=0.5) for w in cluster.workers.values())))
+        cluster.close()
+
+
+@contextmanager
+def _silenced_logging() -> Iterator[None]:
+    """No log records while a cluster with work in flight shuts down (cancelled tasks, closed
+    connections: errors and tracebacks from Dask, tornado and asyncio that mean nothing here)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(before)

@@ -1,29 +1,50 @@
 """The ``soma`` command line. Thin: parses options, calls the library, shows progress and tables.
 
 Every expected failure is a :class:`soma_cli.errors.SomaError` and becomes one red line on stderr
-and a non-zero exit code, never a traceback.
+and a non-zero exit code, never a traceback; a usage mistake is one line plus the command's usage
+(exit code 2); Ctrl-C is the line ``interrupted`` (exit code 130). A
+:class:`~soma_cli.errors.SomaWarning` is one yellow line.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional, Sequence, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
-from .errors import SomaError
+from .errors import SomaError, SomaWarning
+from .preprocess import parse_bands
 
 app = typer.Typer(
     name="soma",
     help="SOMA: sub-pixel co-registration of SAR and optical satellite images.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: flags read --json, --overwrite / --no-overwrite (Typer's Rich panels
+    # print a <bool> value after every flag)
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err_console = Console(stderr=True)
+
+#: the ClickException of the click that Typer runs on: newer Typers bundle their own copy, so the
+#: ``click`` package may be another one; typer.BadParameter derives from it in every version
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+T = TypeVar("T")
+
+
+def _examples(*commands: str) -> str:
+    """A command's help epilog; ``\\b`` keeps click from rewrapping the lines."""
+    return "\b\nExamples:\n" + "\n".join(f"  {c}" for c in commands)
 
 
 def _version(value: bool):
@@ -41,78 +62,123 @@ def _root(
     """SOMA: sub-pixel co-registration of SAR and optical satellite images."""
 
 
-# ---- commands are added below, one section each ------------------------------------------------
+# ---- shared helpers -------------------------------------------------------------------------------
 
 
-def _parse_bands(text: Optional[str]):
-    if text is None:
-        return None
-    try:
-        bands = tuple(int(b) for b in text.replace(" ", "").split(",") if b)
-    except ValueError:
-        from .errors import BandError
+class _Progress:
+    """A Rich progress bar driven by the library's ``progress(done, total[, info])`` callback
+    (:meth:`update`). It appears on the first tick, so an early error prints alone; ``describe``
+    turns the callback's ``info`` into the text after the bar."""
 
-        raise BandError(f"--bands must be comma-separated 1-based band numbers (got {text!r})") from None
-    if not bands:
-        from .errors import BandError
-
-        raise BandError("--bands is empty")
-    return bands
-
-
-class _LazyBar:
-    """A Rich progress bar that appears on the first progress tick (so an early error prints alone)
-    and is stopped only if it was started."""
-
-    def __init__(self, quiet: bool, label: str):
+    def __init__(self, quiet: bool, label: str, describe: Optional[Callable[[dict], str]] = None):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
+        self.describe = describe
         self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=err_console, disable=quiet, transient=False)
-        self.task = self.bar.add_task(label, total=None)
+                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err_console,
+                            disable=quiet)
+        self.task = self.bar.add_task(label, total=None, info="")
         self.started = False
 
-    def update(self, done: int, total: int, *_) -> None:
+    def update(self, done: int, total: int, info: Optional[dict] = None) -> None:
         if not self.started:
             self.bar.start()
             self.started = True
-        self.bar.update(self.task, completed=done, total=total)
+        text = self.describe(info or {}) if self.describe else ""
+        self.bar.update(self.task, completed=done, total=total, info=text)
 
-    def stop(self) -> None:
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.started:
             self.bar.stop()
             self.started = False
 
-    def __enter__(self) -> "_LazyBar":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _progress_bar(quiet: bool, label: str):
-    """A progress bar driven by the library's ``progress(done, total)`` callback: ``(bar, update)``."""
-    bar = _LazyBar(quiet, label)
-    return bar, bar.update
+#: the name of the thread :func:`_run_interruptibly` runs library calls in
+_WORKER = "soma-work"
+#: how long an interrupted library call gets to stop at its next progress report
+_GRACE_S = 1.0
 
 
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  soma register s1_vh.tif s2_rgb.tif -o aligned.tif\n\n"
-        "  soma register s1.tif s2_l1c.tif -o aligned.tif --flow-out disp.tif --qa-out qa/ --bands 4,3,2\n\n"
-        "  soma register s1.tif s2.tif -o s2_on_s1.tif --reference sar --mode affine --json"
-    )
-)
+def _run_interruptibly(call: Callable[[Callable], T], progress: Callable, outputs: Sequence[Optional[Path]] = ()) -> T:
+    """``call(progress)`` in a worker thread while this (main) thread only waits, so that Ctrl-C is
+    handled at once: Python runs signal handlers between bytecodes of the main thread, and the
+    network's TorchScript forward is one native call of seconds that releases the GIL.
+
+    On Ctrl-C the call is stopped at its next progress report (a KeyboardInterrupt raised there, so
+    its own cleanup runs) if that comes within ``_GRACE_S``; otherwise it is abandoned inside the
+    native call, the temporary files of this process beside ``outputs`` are removed here, and
+    :func:`main` exits without waiting for it. The KeyboardInterrupt is raised again either way."""
+    stop, done = threading.Event(), threading.Event()
+    box: dict = {}
+
+    def report(*args) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        progress(*args)
+
+    def work() -> None:
+        try:
+            box["result"] = call(report)
+        except BaseException as exc:  # handed to the main thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    # waits on an Event, not Thread.join: Python 3.11 marks a thread whose join() Ctrl-C interrupted
+    # as stopped while it still runs
+    threading.Thread(target=work, name=_WORKER, daemon=True).start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+        if not done.wait(_GRACE_S):
+            _remove_own_temp_files(outputs)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _remove_own_temp_files(outputs: Sequence[Optional[Path]]) -> None:
+    """Delete this process's hidden temporary files in the folders of ``outputs`` (a folder output
+    counts itself); the atomic writers name them ``.NAME.<pid>.<random>.tmp...``."""
+    pattern = f".*.{os.getpid()}.*.tmp*"
+    folders = {Path(p) if Path(p).is_dir() else Path(p).parent for p in outputs if p is not None}
+    for folder in folders:
+        for tmp in folder.glob(pattern):
+            tmp.unlink(missing_ok=True)
+
+
+# ---- register -------------------------------------------------------------------------------------
+
+
+@app.command(epilog=_examples(
+    "soma register s1_vh.tif s2_rgb.tif -o aligned.tif",
+    "soma register s1.tif s2_l1c.tif -o aligned.tif --flow-out disp.tif --qa-out qa/ --bands 4,3,2",
+    "soma register s1.tif s2.tif -o s2_on_s1.tif --reference sar --mode affine --json",
+    "soma register s1.tif s2.tif -o s1_gcps.tif --mode gcps --tiepoints-out tiepoints.gpkg",
+))
 def register(
-    sar: Annotated[Path, typer.Argument(help="SAR GeoTIFF (amplitude, intensity, dB or 8-bit scaled).")],
-    opt: Annotated[Path, typer.Argument(help="Optical GeoTIFF (1, 3, 4 or 13 bands; 8/16-bit or float).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output: the moving image, aligned, on the reference grid.")],
+    sar: Annotated[Path, typer.Argument(metavar="SAR", help="SAR GeoTIFF (amplitude, intensity, dB or 8-bit scaled).")],
+    opt: Annotated[Path, typer.Argument(metavar="OPT", help="Optical GeoTIFF (1, 3, 4 or 13 bands; 8/16-bit or float).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=(
+        "Output: the moving image, aligned, on the reference grid (with --mode gcps: on its own grid, "
+        "with ground control points)."))],
     reference: Annotated[str, typer.Option(help="Which image is the reference grid: opt or sar.")] = "opt",
     method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient (training-free) or identity.")] = "soma",
-    mode: Annotated[str, typer.Option(help="dense: resample with the dense field; affine: one global affine fit.")] = "dense",
+    mode: Annotated[str, typer.Option(
+        help="dense: resample with the dense field; affine: one global affine fit; gcps: the moving image's "
+             "pixels unchanged with ground control points from the reliable tie points (for gdalwarp -tps).")] = "dense",
     flow_out: Annotated[Optional[Path], typer.Option(help="Write the displacement raster (dx, dy, certainty).")] = None,
+    tiepoints_out: Annotated[Optional[Path], typer.Option(
+        help="Write tie points (a regular grid on the reference: map position, displacement in pixels and "
+             "map units, certainty, reliable flag) to this GeoPackage (.gpkg).")] = None,
+    tiepoint_step: Annotated[int, typer.Option(help="Reference pixels between tie points.")] = 64,
     qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = 512,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = 128,
@@ -134,8 +200,15 @@ def register(
 ):
     """Co-register a SAR and an optical image; write the moving one aligned on the reference grid.
 
-    The displacement raster (--flow-out) is on the reference grid: band 1 dx, band 2 dy in reference pixels, band 3 certainty; reference pixel (c, r) matches the moving image (already on the reference grid) at (c + dx, r + dy).
-    """  # noqa: E501 (one line per paragraph: Typer keeps line breaks)
+    The displacement raster (--flow-out) is on the reference grid: band 1 dx, band 2 dy in
+    reference pixels, band 3 certainty; reference pixel (c, r) matches the moving image (already on
+    the reference grid) at (c + dx, r + dy).
+
+    Tie points (--tiepoints-out) sample that field every --tiepoint-step reference pixels, with map
+    coordinates in the reference CRS. --mode gcps keeps the moving image's own pixels and grid and
+    georeferences them by ground control points from the reliable tie points: gdalwarp -tps puts
+    them on the reference.
+    """
     import json
 
     from .errors import RegistrationFailed
@@ -145,18 +218,17 @@ def register(
     opts = RegisterOptions(
         sar=sar, opt=opt, out=out, reference=reference, method=method, mode=mode, flow_out=flow_out,
         qa_out=qa_out, tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,
-        threads=threads, bands=_parse_bands(bands), sar_band=sar_band, sar_scale=sar_scale,
-        resampling=resampling, weights=weights, overwrite=overwrite, cog=cog, repair=repair, strict=strict,
-        force=force,
+        threads=threads, bands=parse_bands(bands), sar_band=sar_band, sar_scale=sar_scale,
+        resampling=resampling, weights=weights, overwrite=overwrite, cog=cog, repair=repair,
+        tiepoints_out=tiepoints_out, tiepoint_step=tiepoint_step, strict=strict, force=force,
     )
-    bar, update = _progress_bar(quiet or json_out, "tiles")
     failure = None
-    try:
-        result = run_register(opts, progress=update)
-    except RegistrationFailed as exc:  # --strict: the summary first, then the one-line error (exit 3)
-        result, failure = exc.result, exc
-    finally:
-        bar.stop()
+    with _Progress(quiet or json_out, "tiles") as bar:
+        try:
+            result = _run_interruptibly(lambda report: run_register(opts, progress=report), bar.update,
+                                        outputs=(out, flow_out, qa_out, tiepoints_out))
+        except RegistrationFailed as exc:  # --strict: the summary first, then the one-line error (exit 3)
+            result, failure = exc.result, exc
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
@@ -177,6 +249,11 @@ def _print_register_summary(result) -> None:
         t.add_row("displacement", result.flow_out)
     if result.qa_out:
         t.add_row("QA", result.qa_out)
+    if result.tiepoints:
+        tp = result.tiepoints
+        gcps = f", {tp['gcps']} of them ground control points in the output" if tp["gcps"] is not None else ""
+        t.add_row("tie points", f"{result.tiepoints_out or 'not written'}: {tp['points']} points, "
+                                f"{tp['reliable']} reliable{gcps}")
     t.add_row("method / mode", f"{result.method} / {result.mode} (reference: {result.reference})")
     v = result.verdict
     t.add_row("verdict", f"[{_VERDICT_STYLE[v['status']]}]{v['status']}[/]: {v['reason']}")
@@ -190,27 +267,24 @@ def _print_register_summary(result) -> None:
     a = result.affine
     t.add_row("global affine", f"[{a[0][0]:.4f} {a[0][1]:.4f} {a[0][2]:+.2f}; {a[1][0]:.4f} {a[1][1]:.4f} {a[1][2]:+.2f}]"
               f"  (residual {result.affine_rmse:.2f} px)")
-    if result.output_transform:
-        t.add_row("new geotransform", ", ".join(f"{v:.6g}" for v in result.output_transform))
+    if result.output_transform:  # full precision: it is meant to be copied
+        t.add_row("new geotransform", ", ".join(repr(float(v)) for v in result.output_transform))
     t.add_row("time", f"{result.seconds:.1f} s")
-    Console(stderr=True).print(t)
+    err_console.print(t)
 
 
 # ---- batch ----------------------------------------------------------------------------------------
 
 
-@app.command(
-    "batch",
-    epilog=(
-        "Examples:\n\n"
-        "  soma batch pairs.csv --out-dir runs/ --method gradient --workers 2\n\n"
-        "  soma batch --sar-glob 'sar/*.tif' --opt-glob 'opt/*.tif' --out-dir runs/\n\n"
-        "  soma batch --sar-glob 's1/*.tif' --opt-glob 's2/*.tif' --key-regex '_(\\d{8})' -o runs/ "
-        "--scheduler tcp://10.0.0.5:8786"
-    ),
-)
+@app.command("batch", epilog=_examples(
+    "soma batch pairs.csv --out-dir runs/ --method gradient --workers 2",
+    "soma batch --sar-glob 'sar/*.tif' --opt-glob 'opt/*.tif' --out-dir runs/",
+    "soma batch --sar-glob 's1/*.tif' --opt-glob 's2/*.tif' --key-regex '_(\\d{8})' -o runs/ "
+    "--scheduler tcp://10.0.0.5:8786",
+))
 def batch_cmd(
     manifest: Annotated[Optional[Path], typer.Argument(
+        metavar="MANIFEST",
         help="CSV with columns sar, opt and optional id, reference, method, mode, bands, sar_scale, "
              "tile_size, overlap, weights (per-pair overrides; relative paths from the CSV's folder).")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", "-o", help="Output folder: one sub-folder per pair.")] = ...,
@@ -221,7 +295,7 @@ def batch_cmd(
              "(default: the file name without .tif).")] = None,
     reference: Annotated[str, typer.Option(help="Reference grid: opt or sar.")] = "opt",
     method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient, identity, ...")] = "soma",
-    mode: Annotated[str, typer.Option(help="dense or affine.")] = "dense",
+    mode: Annotated[str, typer.Option(help="dense, affine or gcps (see soma register --help).")] = "dense",
     tile_size: Annotated[int, typer.Option(help="Tile size in pixels.")] = 512,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = 128,
     batch_size: Annotated[int, typer.Option(help="Tiles per matcher call.")] = 4,
@@ -234,40 +308,26 @@ def batch_cmd(
     scheduler: Annotated[Optional[str], typer.Option(
         help="Use an existing Dask cluster, e.g. tcp://host:8786 (paths must be valid on the workers).")] = None,
     strict: Annotated[bool, typer.Option(help="Count a pair whose verdict is failed as a failed pair.")] = False,
-    retry_failed: Annotated[bool, typer.Option(help="Rerun pairs that failed before (default: skip them).")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="Rerun pairs that failed before (default: count them as failed).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Rerun every pair, replacing its outputs.")] = False,
     html: Annotated[bool, typer.Option("--report/--no-report", help="Write OUT_DIR/report.html at the end.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or table.")] = False,
 ):
     """Register many pairs in parallel (Dask), resumably: done pairs are skipped on a rerun.
 
-    Per pair: OUT_DIR/ID/aligned.tif, flow.tif, qa/, and done.json (written last) or failed.json;
-    OUT_DIR/runlog.jsonl gets one JSON line per pair. Exit code 1 when a pair failed (now or before).
+    Per pair: OUT_DIR/ID/aligned.tif, flow.tif, tiepoints.gpkg, qa/, and done.json (written last)
+    or failed.json; OUT_DIR/runlog.jsonl gets one JSON line per pair. Exit code 1 when a pair
+    failed (now or before).
     """
-    import os
-
     from . import batch as batch_lib
-    from .errors import ConfigError
 
-    if (manifest is None) == (sar_glob is None and opt_glob is None) or (manifest is None and not (sar_glob and opt_glob)):
-        raise ConfigError("give either a MANIFEST.csv or both --sar-glob and --opt-glob")
-    if manifest is not None:
-        pairs = batch_lib.read_manifest(manifest)
-    else:
-        pairs, unmatched = batch_lib.pairs_from_globs(sar_glob, opt_glob, key_regex)
-        if unmatched and not quiet:
-            names = ", ".join(p.name for p in unmatched[:5]) + (" ..." if len(unmatched) > 5 else "")
-            err_console.print(f"[yellow]warning:[/] {len(unmatched)} file(s) without a partner: {names}")
+    pairs = batch_lib.collect_pairs(manifest, sar_glob, opt_glob, key_regex)
     options = dict(reference=reference, method=method, mode=mode, tile_size=tile_size, overlap=overlap,
-                   batch_size=batch_size, device=device, bands=_parse_bands(bands), sar_scale=sar_scale,
+                   batch_size=batch_size, device=device, bands=parse_bands(bands), sar_scale=sar_scale,
                    weights=weights, strict=strict)
-    bar, update = _progress_bar(quiet, "pairs")
-    try:
-        result = batch_lib.run_batch(pairs, out_dir, options, workers=workers or os.cpu_count() or 1,
-                                     scheduler=scheduler, retry_failed=retry_failed, overwrite=overwrite,
-                                     progress=update)
-    finally:
-        bar.stop()
+    with _Progress(quiet, "pairs") as bar:
+        result = batch_lib.run_batch(pairs, out_dir, options, workers=workers, scheduler=scheduler,
+                                     retry_failed=retry_failed, overwrite=overwrite, progress=bar.update)
     page = None
     if html:
         from .report import render
@@ -276,7 +336,7 @@ def batch_cmd(
     if not quiet:
         _print_batch_table(result, page)
     if result.has_failures():
-        raise SystemExit(1)  # not typer.Exit: app(standalone_mode=False) returns that code unseen
+        raise typer.Exit(1)
 
 
 def _print_batch_table(result, page) -> None:
@@ -295,26 +355,22 @@ def _print_batch_table(result, page) -> None:
     for r in shown:
         v = r.get("verdict") or {}
         note = r.get("error") or r.get("reason") or (v.get("reason") if v.get("status") not in (None, "ok") else "")
-        t.add_row(r["id"], f"[{style.get(r['status'], '')}]{r['status']}[/]",
+        t.add_row(escape(r["id"]), f"[{style.get(r['status'], '')}]{r['status']}[/]",
                   f"[{_VERDICT_STYLE[v['status']]}]{v['status']}[/]" if v else "", num(r.get("seconds"), "{:.1f}"),
                   num(r.get("median_flow")), num(r.get("certainty_coverage")), num(r.get("similarity_before"), "{:.3f}"),
-                  num(r.get("similarity_after"), "{:.3f}"), (note or "")[:200])
-    con = Console(stderr=True)
+                  num(r.get("similarity_after"), "{:.3f}"), escape((note or "")[:200]))
     if shown:
-        con.print(t)
-    c = result.counts()
-    ran = c["ok"] + c["failed"]
-    rate = f", {60 * ran / result.seconds:.2f} pairs/min" if ran and result.seconds > 0 else ""
-    con.print(f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped in {result.seconds:.1f} s{rate}"
-              + (f"; report: {page}" if page else ""), highlight=False)
+        err_console.print(t)
+    err_console.print(result.summary() + (f"; report: {page}" if page else ""), highlight=False, markup=False)
 
 
 # ---- report ---------------------------------------------------------------------------------------
 
 
-@app.command("report")
+@app.command("report", epilog=_examples("soma report qa/", "soma report runs/"))
 def report_cmd(
-    directory: Annotated[Path, typer.Argument(help="A --qa-out folder of soma register, or a soma batch --out-dir.")],
+    directory: Annotated[Path, typer.Argument(
+        metavar="DIR", help="A --qa-out folder of soma register, or a soma batch --out-dir.")],
 ):
     """Render a QA folder or a batch folder into one static DIR/report.html (relative links only)."""
     from .report import render
@@ -325,33 +381,47 @@ def report_cmd(
 # ---- train / export -------------------------------------------------------------------------------
 
 
-@app.command("train")
+def _train_info(info: dict) -> str:
+    txt = f"loss {info.get('loss', float('nan')):.3f}"
+    if "val_cmr1" in info:
+        txt += f"  val rel CMR@1px {info['val_cmr1']:.2f}  rel median {info['val_median_rmse']:.2f} px"
+    return txt
+
+
+@app.command("train", epilog=_examples(
+    "soma train data/s1s2_calif --out runs/t1 --train-groups T11SMT --val-groups T11SLT --time-budget 60",
+    "soma train runs/t1/cache.npz --out runs/t2 --init runs/t1/best.pt --steps 2000",
+))
 def train_cmd(
-    data: Annotated[Path, typer.Argument(help="Dataset folder (sar/, opt/, pairs.csv) or a prepared cache .npz.")],
+    data: Annotated[Path, typer.Argument(
+        metavar="DATA", help="Dataset folder (sar/, opt/, pairs.csv) or a prepared cache .npz.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: cache, checkpoints (resumed if present), log.")],
     prepare_only: Annotated[bool, typer.Option("--prepare-only", help="Only build the training cache.")] = False,
     cache: Annotated[Optional[Path], typer.Option("--cache", help="Cache path (default OUT/cache.npz).")] = None,
     clean: Annotated[str, typer.Option("--clean", help="Residual misregistration removal: gradient or none.")] = "gradient",
     clean_val: Annotated[bool, typer.Option("--clean-val/--no-clean-val", help="Clean the validation pairs too.")] = True,
-    train_groups: Annotated[str, typer.Option("--train-groups", help="Comma-separated training groups.")] = "T11SMT",
-    val_groups: Annotated[str, typer.Option("--val-groups", help="Comma-separated validation groups.")] = "T11SLT",
+    train_groups: Annotated[Optional[str], typer.Option("--train-groups", help=(
+        "Comma-separated groups of DATA whose pairs train the network: the S2 tile in pairs.csv's s2_scene "
+        "(e.g. T11SMT), or 'all' without one. Needed to build a cache."))] = None,
+    val_groups: Annotated[Optional[str], typer.Option("--val-groups", help=(
+        "Comma-separated held-out groups for validation (e.g. T11SLT). Needed to build a cache."))] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Schedule length in steps.")] = 20000,
     time_budget: Annotated[float, typer.Option("--time-budget", min=0, help="Minutes (0: none).")] = 0.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Training crops per step.")] = 4,
     crop: Annotated[int, typer.Option("--crop", min=64, help="Training crop (px, multiple of 32).")] = 256,
-    lr: Annotated[float, typer.Option("--lr", min=0)] = 1e-3,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    lr: Annotated[float, typer.Option("--lr", min=0, help="Peak learning rate (AdamW; warm-up, then cosine decay).")] = 1e-3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the crops, augmentations and deformations.")] = 0,
     threads: Annotated[int, typer.Option("--threads", min=0, help="Torch CPU threads (0: default).")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data loader processes.")] = 0,
-    val_every: Annotated[int, typer.Option("--val-every", min=1)] = 200,
-    val_chip: Annotated[int, typer.Option("--val-chip", min=64)] = 256,
+    val_every: Annotated[int, typer.Option("--val-every", min=1, help="Validate (and checkpoint) every N steps.")] = 200,
+    val_chip: Annotated[int, typer.Option("--val-chip", min=64, help="Validation chip size (px).")] = 256,
     init: Annotated[Optional[Path], typer.Option("--init", help="Start from this checkpoint's weights (model.pt/best.pt/ckpt.pt; fresh optimizer and schedule).")] = None,
     consistency: Annotated[float, typer.Option("--consistency", min=0, help="Weight of the self-consistency loss (0: off).")] = 1.0,
     absolute: Annotated[float, typer.Option("--absolute", min=0, help="Weight of the losses against the synthetic deformation.")] = 0.3,
     only: Annotated[str, typer.Option("--only", help="certainty: train only the certainty calibration (4 numbers; with --init; the flow stays exactly as it is).")] = "",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Rebuild an existing cache.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ):
     """Train the SOMA network: prepare a cache from DATA (needs rasterio), then fit (resumable)."""
     from . import train as tr
@@ -366,12 +436,12 @@ def train_cmd(
     else:
         cache_path = cache or (out / "cache.npz")
         if overwrite or not cache_path.exists():
-            bar, update = _progress_bar(quiet, "prepare")
-            with bar:
+            if not train_groups or not val_groups:
+                raise ConfigError("building a training cache needs --train-groups and --val-groups")
+            with _Progress(quiet, "prepare") as bar:
                 meta = tr.prepare(data, cache_path, [g for g in train_groups.split(",") if g],
                                   [g for g in val_groups.split(",") if g], clean=clean, clean_val=clean_val,
-                                  overwrite=overwrite,
-                                  progress=update)
+                                  overwrite=overwrite, progress=bar.update)
             err_console.print(f"cache {cache_path}: {meta['bytes'] / 1e6:.1f} MB, "
                               f"{len(meta['train_names'])} train / {len(meta['val_names'])} val pairs")
         else:
@@ -382,38 +452,28 @@ def train_cmd(
                        seed=seed, threads=threads, device=device, workers=workers, val_every=val_every,
                        val_chip=val_chip, init=str(init) if init else "", consistency=consistency,
                        absolute=absolute, only=only)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"), console=err_console, disable=quiet)
-    task = bar.add_task("train", total=steps, info="")
-
-    def update(done: int, total: int, info: dict):
-        txt = f"loss {info.get('loss', float('nan')):.3f}"
-        if "val_cmr1" in info:
-            txt += f"  val rel CMR@1px {info['val_cmr1']:.2f}  rel median {info['val_median_rmse']:.2f} px"
-        bar.update(task, completed=done, total=total, info=txt)
-
-    with bar:
-        res = tr.fit(cache_path, out, cfg, progress=update)
+    with _Progress(quiet, "train", describe=_train_info) as bar:
+        res = tr.fit(cache_path, out, cfg, progress=bar.update)
     v = res["val"]
     best = (f"best certainty cross-entropy {-res['best_cmr1']:.3f}" if only == "certainty"
             else f"best relative CMR@1px {res['best_cmr1']:.3f}")
     typer.echo(f"step {res['step']} ({res['stop']}): val relative CMR@1px {v['rel_cmr1']:.3f}, relative median "
-               f"{v['rel_median_rmse']:.3f} px (absolute: CMR@1px {v['cmr1']:.3f}, median {v['median_rmse']:.3f} px), "
+               f"{v['rel_rmse_median']:.3f} px (absolute: CMR@1px {v['cmr1']:.3f}, median {v['rmse_median']:.3f} px), "
                f"certainty cross-entropy {v['cert_bce']:.3f}; {best}; checkpoints in {out}")
 
 
-@app.command("export")
+@app.command("export", epilog=_examples(
+    f"soma export runs/t1/best.pt -o weights/soma-{__version__}.pt --training-data s1s2_calif",
+))
 def export_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="model.pt / best.pt / ckpt.pt of soma train.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Weights file, e.g. weights/soma-0.2.0.pt.")],
-    overwrite: Annotated[bool, typer.Option("--overwrite")] = False,
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="model.pt / best.pt / ckpt.pt of soma train.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help=f"Weights file, e.g. weights/soma-{__version__}.pt.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing weights file.")] = False,
     training_data: Annotated[str, typer.Option("--training-data", help="Recorded in the metadata.")] = "",
     training_command: Annotated[str, typer.Option("--training-command", help="Recorded in the metadata.")] = "",
 ):
     """TorchScript-export a checkpoint with its metadata JSON (sha256), verified by reloading."""
-    from .train import export
+    from .model.export import export
 
     meta = export(checkpoint, output, overwrite=overwrite, training_data=training_data,
                   training_command=training_command)
@@ -423,17 +483,14 @@ def export_cmd(
 # ---- evaluate -------------------------------------------------------------------------------------
 
 
-@app.command(
-    "evaluate",
-    epilog=(
-        "Examples:\n\n"
-        "  soma evaluate data/s1s2_calif --split T11SLT --protocol both --method soma --method gradient "
-        "--method identity --json eval.json\n\n"
-        "  soma evaluate my_pairs/ --protocol paper --method gradient --chip 256 --limit 4"
-    ),
-)
+@app.command("evaluate", epilog=_examples(
+    "soma evaluate data/s1s2_calif --split T11SLT --protocol both --method soma --method gradient "
+    "--method identity --json eval.json",
+    "soma evaluate my_pairs/ --protocol paper --method gradient --chip 256 --limit 4",
+))
 def evaluate_cmd(
-    data_dir: Annotated[Path, typer.Argument(help="Folder with sar/NAME.tif + opt/NAME.tif (co-registered pairs), optional pairs.csv.")],
+    data_dir: Annotated[Path, typer.Argument(
+        metavar="DATA", help="Folder with sar/NAME.tif + opt/NAME.tif (co-registered pairs), optional pairs.csv.")],
     protocol: Annotated[str, typer.Option(help="Synthetic deformations: geo (small affine + local field), paper (rotation +-20 deg, shift +-50 px) or both.")] = "geo",
     method: Annotated[Optional[list[str]], typer.Option(help="Matcher to evaluate (repeatable): soma, gradient, identity, gefolki. Default: soma, gradient, identity.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the deformations (same seed, same deformations on any machine).")] = 0,
@@ -464,12 +521,12 @@ def evaluate_cmd(
     options = {"device": device, "batch_size": batch_size}
     if weights is not None:
         options["weights"] = weights
-    bar, update = _progress_bar(quiet, "chips")
-    try:
-        result = ev.run(data_dir, protocol, method or ["soma", "gradient", "identity"], seed=seed, chip=chip,
-                        limit=limit, split=split, matcher_options=options, progress=update, batch=batch_size)
-    finally:
-        bar.stop()
+    with _Progress(quiet, "chips") as bar:
+        result = _run_interruptibly(
+            lambda report: ev.run(data_dir, protocol, method or ["soma", "gradient", "identity"], seed=seed,
+                                  chip=chip, limit=limit, split=split, matcher_options=options, progress=report,
+                                  batch=batch_size),
+            bar.update)
     if json_path is not None:
         ev.write_json(json_path, result)
     con = Console()
@@ -492,33 +549,61 @@ def evaluate_cmd(
         err_console.print(f"wrote {json_path}", highlight=False)
 
 
+# ---- entry point ----------------------------------------------------------------------------------
+
+
 def main() -> None:
-    """Entry point: run the Typer app, turning SomaError into a one-line message."""
+    """Entry point of ``soma``: runs the app and turns what it raised or returned into an exit code
+    and at most a line or two on stderr. Without arguments it shows the help."""
     import logging
 
     for name in ("rasterio", "distributed"):  # library chatter would break the one-line errors
         logging.getLogger(name).addHandler(logging.NullHandler())
-    try:
-        code = app(standalone_mode=False)  # returns the code of a typer.Exit(n) instead of raising
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except SomaError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(warnings.showwarning)
+        code = _run_app(sys.argv[1:] or ["--help"])
+    if code == 130:
         err_console.print("[bold red]interrupted[/]")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as exc:  # click usage errors etc.
-        import click
+        if any(t.name == _WORKER for t in threading.enumerate()):
+            # a library call abandoned inside native code: the interpreter's shutdown would wait for
+            # it or tear it down mid-call
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    sys.exit(code)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _run_app(args: Sequence[str]) -> int:
+    try:
+        # standalone_mode=False: errors come here instead of being printed with click's layout; a
+        # typer.Exit(n) or Ctrl-C inside a command (Typer: exit code 130) comes back as the code
+        code = app(args=list(args), prog_name="soma", standalone_mode=False)
+    except SomaError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:  # outside a command
+        return 130
+    except typer.Abort as exc:  # older Typers turn Ctrl-C into Abort
+        return 130 if isinstance(exc.__context__, KeyboardInterrupt) else 1
+    except _ClickException as exc:
+        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            err_console.print(f"{ctx.get_usage()}  (see {ctx.command_path} --help)", highlight=False, markup=False)
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
+
+
+def _warning_printer(fallback):
+    """``warnings.showwarning`` that prints a SomaWarning as one yellow line (others as before)."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SomaWarning):
+            err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 if __name__ == "__main__":

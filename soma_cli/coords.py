@@ -80,6 +80,13 @@ def map_to_pixel(transform: Affine, xs, ys):
     return c, r
 
 
+def map_to_image(transform: Affine, xs, ys):
+    """GDAL/rasterio image coordinates ``(pixel, line)`` of map points, the corner of pixel (0, 0)
+    at (0, 0): :func:`map_to_pixel` + 0.5, as ground control points give them."""
+    c, r = map_to_pixel(transform, xs, ys)
+    return c + 0.5, r + 0.5
+
+
 # ----------------------------------------------------------------------------- numpy grids and warps
 
 

@@ -1,16 +1,30 @@
-"""One error hierarchy for the whole library.
+"""One error hierarchy for the whole library, and its one warning category.
 
 Every error a user can trigger with bad input is a :class:`SomaError`; the CLI turns it into a
 one-line message and a non-zero exit code. Anything else is a bug and keeps its traceback.
+Something a user should know but that does not stop the run is a :class:`SomaWarning`, raised with
+:func:`warnings.warn` (the library never prints); the CLI shows it as one line.
 """
 
 from __future__ import annotations
+
+import re
+
+#: rasterio's pointer to an exception it chained, which says nothing once quoted in a one-line message
+_RASTERIO_POINTER = re.compile(r"[\s:]*\(?Read failed\. See previous exception for details\.\)?")
 
 
 class SomaError(Exception):
     """Base class of every expected, user-facing error."""
 
     exit_code = 2
+
+    def __str__(self) -> str:
+        return _RASTERIO_POINTER.sub("", super().__str__())
+
+
+class SomaWarning(UserWarning):
+    """Base class of the library's user-facing warnings."""
 
 
 class InputError(SomaError):

@@ -46,14 +46,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
-from . import atomic, coords, synth, tiling
+from . import atomic, synth, tiling
 from .errors import ConfigError, DataError, OutputError
 from .io.dataset import list_pairs, pair_size, read_pair
 from .matchers import Matcher, get_matcher
+from .metrics import aggregate, chip_metrics, error_metrics, eval_mask, relative_error
 from .preprocess import optical_to_gray, prepare, select_bands, standardise, to_gray
 
 PROTOCOL_CHOICES = ("geo", "paper", "both")
-CMR_THRESHOLDS = (1, 2, 3, 5)
 MIN_VALID_SHARE = 0.5
 #: Metric keys of one method, in table order (the ``rel_`` ones are the self-consistency metrics).
 METRIC_KEYS = (
@@ -64,96 +64,6 @@ METRIC_KEYS = (
 
 ProgressFn = Callable[[int, int, dict], None]
 MethodSpec = Union[str, Matcher]
-
-
-# ----------------------------------------------------------------------------- pure metrics
-
-
-def error_metrics(err: np.ndarray, valid: np.ndarray) -> Dict[str, float]:
-    """Per-chip statistics of an error flow ``err`` (2, H, W) over the bool mask ``valid`` (H, W).
-
-    Returns ``rmse`` (root mean squared endpoint error), ``aepe`` (mean endpoint error), ``px1``
-    (share of pixels with endpoint error < 1 px) and ``n_px``.  Non-finite errors count as infinite;
-    no valid pixel gives NaN statistics.
-    """
-    err = np.asarray(err, dtype=np.float64)
-    valid = np.asarray(valid, dtype=bool)
-    n = int(valid.sum())
-    if n == 0:
-        return {"rmse": math.nan, "aepe": math.nan, "px1": math.nan, "n_px": 0}
-    epe = np.hypot(err[0][valid], err[1][valid])
-    epe = np.where(np.isfinite(epe), epe, np.inf)
-    return {
-        "rmse": float(np.sqrt(np.mean(epe**2))),
-        "aepe": float(np.mean(epe)),
-        "px1": float(np.mean(epe < 1.0)),
-        "n_px": n,
-    }
-
-
-def chip_metrics(pred: np.ndarray, gt: np.ndarray, valid: np.ndarray) -> Dict[str, float]:
-    """:func:`error_metrics` of ``pred - gt`` (flows (2, H, W)) over ``valid``."""
-    return error_metrics(np.asarray(pred, np.float64) - np.asarray(gt, np.float64), valid)
-
-
-def eval_mask(gt: np.ndarray, opt_valid: Optional[np.ndarray] = None) -> np.ndarray:
-    """Pixels scored against the ground truth ``gt``: ``q + gt(q)`` inside the chip, optical valid."""
-    h, w = gt.shape[-2:]
-    mask = coords.inside_mask_np(gt, h, w)
-    if opt_valid is not None:
-        mask &= np.asarray(opt_valid, bool)
-    return mask
-
-
-def expected_flow(f0: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Flow a consistent method predicts on the deformed pair: ``F0(q) + D(q + F0(q))``.
-
-    ``D`` is sampled bilinearly at the displaced position (nearest edge value beyond the chip).
-    """
-    f0 = np.nan_to_num(np.asarray(f0, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    return coords.compose_flow_np(np.asarray(d, np.float32), f0)
-
-
-def relative_error(f0: np.ndarray, f1: np.ndarray, d: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Self-consistency error ``F1 - (F0 + D o (id + F0))`` (2, H, W) and where it is defined.
-
-    The mask (H, W) holds the pixels where both ``q + F0(q)`` and the expected ``q + F1(q)`` lie inside
-    the chip; non-finite ``F0``/``F1`` stay in the mask and so count as infinite errors.
-    """
-    f0 = np.asarray(f0, np.float32)
-    f1 = np.asarray(f1, np.float32)
-    h, w = f0.shape[-2:]
-    exp = expected_flow(f0, d)
-    f0_finite = np.nan_to_num(f0, nan=0.0, posinf=0.0, neginf=0.0)
-    mask = coords.inside_mask_np(f0_finite, h, w) & coords.inside_mask_np(exp, h, w)
-    return (f1.astype(np.float64) - exp.astype(np.float64)), mask
-
-
-def aggregate(records: Sequence[Mapping[str, float]], prefix: str = "") -> Dict[str, float]:
-    """Aggregate per-chip :func:`error_metrics` records (chips without valid pixels are dropped).
-
-    ``cmrK`` share of chips with RMSE < K px (K in 1, 2, 3, 5), ``rmse_mean``, ``rmse_median``,
-    ``aepe`` and ``px1`` (means over chips), ``n`` (chips).  Keys get ``prefix`` (e.g. ``rel_``).
-    """
-    recs = [r for r in records if r.get("n_px", 0) > 0]
-    out: Dict[str, float] = {}
-    if not recs:
-        for k in CMR_THRESHOLDS:
-            out[f"{prefix}cmr{k}"] = math.nan
-        for k in ("rmse_mean", "rmse_median", "aepe", "px1"):
-            out[prefix + k] = math.nan
-        out[prefix + "n"] = 0
-        return out
-    rmse = np.array([r["rmse"] for r in recs], np.float64)
-    for k in CMR_THRESHOLDS:
-        out[f"{prefix}cmr{k}"] = float(np.mean(rmse < k))
-    with np.errstate(invalid="ignore"):
-        out[prefix + "rmse_mean"] = float(np.mean(rmse))
-        out[prefix + "rmse_median"] = float(np.median(rmse))
-        out[prefix + "aepe"] = float(np.mean([r["aepe"] for r in recs]))
-    out[prefix + "px1"] = float(np.mean([r["px1"] for r in recs]))
-    out[prefix + "n"] = len(recs)
-    return out
 
 
 # ----------------------------------------------------------------------------- chips

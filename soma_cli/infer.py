@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
-
-TILE_MULTIPLE = 32
+from .model.config import TILE_MULTIPLE
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -23,6 +22,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda")
     return torch.device(device)
+
+
+def set_threads(n: int) -> None:
+    """Torch's CPU threads for the next network calls (process-wide)."""
+    if torch.get_num_threads() != int(n):
+        torch.set_num_threads(int(n))
 
 
 # glibc mallopt parameters (malloc.h)
@@ -36,10 +41,8 @@ def tune_cpu_allocator() -> bool:
 
     The network allocates and frees many 4-50 MB intermediate tensors per tile. By default glibc
     serves each of them with a fresh ``mmap`` and returns it on ``free``, so every allocation pays
-    page faults. On the 2-core machine a 512 px tile of the 0.4.0 network took 0.91 s (best; median
-    1.24 s) without this setting and 0.80 s with it; 0.5.0, which allocates less, 0.59 against 0.57 s
-    (``benchmarks/tile_speed.py``). Blocks up to 32 MB now come from the heap, and up to 1 GiB of
-    free heap is kept.
+    page faults, a few percent of a 512 px tile's time on a 2-core machine.  With this setting
+    blocks up to 32 MB come from the heap, and up to 1 GiB of free heap is kept.
     Process-wide and idempotent, like ``torch.set_num_threads``; a no-op (returns False) where the C
     library is not glibc."""
     if not sys.platform.startswith("linux"):

@@ -1,6 +1,7 @@
 """The one orchestrator of ``soma register``.
 
     read and align inputs -> tile -> match -> stitch the flow -> repair -> judge -> warp and write -> QA
+                                                                                 -> tie points
 
 Memory is bounded by a strip of rows (about two tiles high) times the scene width, whatever the
 scene size: tiles are matched in row-major order (each recording its evidence) and stitched into
@@ -18,18 +19,21 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from . import coords, preprocess, qa, tiling
-from .errors import ConfigError, InputError, OutputError, RegistrationFailed
+from . import __version__, coords, preprocess, qa, tiling
+from .errors import ConfigError, GeoreferenceError, InputError, OutputError, RegistrationFailed
 from .io.pair import AlignedPair, gdal_env, open_pair
-from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated
+from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated, write_with_gcps
+from .io.tiepoints import write_tiepoints
 from .io.write import check_output
 from .matchers import Matcher, evidence_certainty, get_matcher, min_size, trust_certainty
 from .stitch import FlowPrior, FlowSamples, Strip, StripStitcher
+from .tiepoints import TiePoints, TiePointSampler
 from .verdict import TileEvidence, coverage, judge
 from .warp import RowWarper
 
@@ -65,6 +69,8 @@ class RegisterOptions:
     repair: bool = True  # blend low-certainty outliers towards a smooth certainty-weighted prior
     strict: bool = False  # a failed verdict raises RegistrationFailed (exit code 3); the outputs are written
     force: bool = False  # apply a registration whose verdict is failed (when there is evidence to apply)
+    tiepoints_out: Optional[Path] = None  # GeoPackage of tie points
+    tiepoint_step: int = 64  # reference pixels between tie points (and GCPs before thinning)
 
 
 @dataclass
@@ -87,6 +93,8 @@ class RegisterResult:
     sar_scale: str = "auto"
     seconds: float = 0.0
     qa: Optional[dict] = None
+    tiepoints_out: Optional[str] = None
+    tiepoints: Optional[dict] = None  # {"points", "reliable", "gcps"} when tie points were sampled
     evidence_certainty: float = 0.5
     verdict: Dict[str, object] = field(default_factory=dict)
 
@@ -97,8 +105,10 @@ class RegisterResult:
 def _validate(opts: RegisterOptions) -> None:
     if opts.reference not in ("opt", "sar"):
         raise ConfigError(f"--reference must be 'opt' or 'sar' (got {opts.reference!r})")
-    if opts.mode not in ("dense", "affine"):
-        raise ConfigError(f"--mode must be 'dense' or 'affine' (got {opts.mode!r})")
+    if opts.mode not in ("dense", "affine", "gcps"):
+        raise ConfigError(f"--mode must be 'dense', 'affine' or 'gcps' (got {opts.mode!r})")
+    if opts.tiepoint_step < 1:
+        raise ConfigError("--tiepoint-step must be at least 1")
     if opts.resampling not in coords.SPLINE_ORDERS:
         raise ConfigError(f"--resampling must be one of {', '.join(coords.SPLINE_ORDERS)}")
     if opts.batch_size < 1:
@@ -115,6 +125,11 @@ def _validate(opts: RegisterOptions) -> None:
         check_output(opts.flow_out, opts.overwrite, inputs)
         if Path(opts.flow_out).resolve() == Path(opts.out).resolve():
             raise OutputError("--flow-out must differ from the output image")
+    if opts.tiepoints_out is not None:
+        tp = Path(opts.tiepoints_out)
+        if tp.suffix.lower() != ".gpkg":
+            raise OutputError(f"--tiepoints-out is written as a GeoPackage: give it a .gpkg name (got {tp.name})")
+        check_output(tp, opts.overwrite, inputs)
     if opts.qa_out is not None:
         q = Path(opts.qa_out)
         if not q.parent.is_dir():
@@ -261,7 +276,8 @@ class _SceneField:
 
 @dataclass
 class _FieldLog:
-    """What the applied field leaves behind: samples for the fit, the repair count and the overview."""
+    """What a pass over the field leaves behind: samples for the fit, the repair count and the
+    overview."""
 
     overview: qa.FlowOverview
     trusted_rows: Callable[[int, int], np.ndarray]
@@ -279,6 +295,9 @@ class _FieldLog:
 def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                    progress: Optional[Progress]) -> RegisterResult:
     area = pair.area
+    if opts.mode == "gcps" and pair.mov_src.crs is None:
+        raise GeoreferenceError("--mode gcps needs a moving raster with a CRS and a geotransform "
+                                "(not ground control points only, nor a plain image)")
     _check_size(area, matcher)
     sar_scale = scene_sar_scale(pair, opts.sar_scale)
     tiles = tiling.layout(area.height, area.width, opts.tile_size, opts.overlap)
@@ -290,6 +309,14 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                        coords.SPLINE_ORDERS[opts.resampling])
     tags = {"SOMA_METHOD": opts.method}
     out_transform = None
+
+    def measure(strips: Iterator[Tuple[Strip, int]]) -> _FieldLog:
+        log = _FieldLog(qa.FlowOverview(area.height, area.width, tile_rows, (area.row, area.col)),
+                        evidence.trusted_rows)
+        for strip, repaired in strips:
+            log.add(strip, repaired, area)
+        return log
+
     with ExitStack() as stack:
         scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width))
         raw = FlowSamples()
@@ -298,9 +325,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
             raw.add(strip, area.row, area.col, evidence.trusted_rows(strip.row0, strip.flow.shape[1]))
         scene = _SceneField(raw, area, opts.repair, trust_certainty(matcher))
         # measure the field before writing it, so that a failed registration is never written
-        log = _FieldLog(qa.FlowOverview(area.height, area.width), evidence.trusted_rows)
-        for strip, repaired in (scene.strips(scratch) if scene.prior is not None else scene.unmoved(scratch)):
-            log.add(strip, repaired, area)
+        log = measure(scene.strips(scratch) if scene.prior is not None else scene.unmoved(scratch))
         affine, stats = log.samples.fit() if scene.prior is not None else (_IDENTITY, _NO_FIT)
         products = _overview_products(pair, sar_scale, log.overview, affine if opts.mode == "affine" else None)
         verdict = judge(coverage(raw.arrays()[4], level), *qa.scene_similarity(products),
@@ -312,24 +337,29 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         if verdict["status"] == "failed":
             if apply:
                 verdict["reason"] += "; applied anyway (--force)"
-            else:
-                affine, products = _IDENTITY, _unmoved_products(products)
-        strips = scene.strips(scratch) if apply else scene.unmoved(scratch)
+            elif scene.prior is not None:  # what is written and shown: the moving image unmoved
+                log, affine, stats = measure(scene.unmoved(scratch)), _IDENTITY, _NO_FIT
+                products = _overview_products(pair, sar_scale, log.overview, None)
+        tiepoints = TiePointSampler(opts.tiepoint_step, area) if opts.tiepoints_out is not None or opts.mode == "gcps" \
+            else None
         flow_sink = None
         if opts.flow_out is not None:
             flow_sink = stack.enter_context(FlowSink(pair, opts.flow_out, cog=opts.cog, tags=tags))
-        if opts.mode == "dense":
-            with ImageSink(pair, opts.out, cog=opts.cog, tags=tags) as sink:
-                for strip, _ in strips:
-                    row_abs = area.row + strip.row0
-                    sink.write(*warper(strip.flow, row_abs), row_abs)
-                    if flow_sink is not None:
-                        flow_sink.write(strip, row_abs)
-        else:
-            for strip, _ in strips:
-                if flow_sink is not None:
-                    flow_sink.write(strip, area.row + strip.row0)
+        image = stack.enter_context(ImageSink(pair, opts.out, cog=opts.cog, tags=tags)) if opts.mode == "dense" \
+            else None
+        for strip, _ in scene.strips(scratch) if apply else scene.unmoved(scratch):
+            row_abs = area.row + strip.row0
+            if image is not None:
+                image.write(*warper(strip.flow, row_abs), row_abs)
+            if flow_sink is not None:
+                flow_sink.write(strip, row_abs)
+            if tiepoints is not None:
+                tiepoints.add(strip)
+        if opts.mode == "affine" or (opts.mode == "gcps" and not apply):
             out_transform = _write_affine(opts, pair, affine, warper, tags)
+        # before the flow sink closes: a failure here leaves no displacement raster behind
+        tie_summary = _write_tiepoints(opts, pair, tiepoints.table(pair.ref.transform), tags, apply) \
+            if tiepoints is not None else None
     return RegisterResult(
         out=str(opts.out), flow_out=str(opts.flow_out) if opts.flow_out else None,
         qa_out=str(opts.qa_out) if opts.qa_out else None, method=opts.method, mode=opts.mode,
@@ -340,14 +370,29 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         affine_inliers=stats["inliers"],
         repaired_share=verdict["repaired_share"],
         output_transform=list(out_transform)[:6] if out_transform is not None else None,
-        sar_scale=sar_scale, verdict=verdict,
-        qa=_write_qa(opts, products, tile_rows, verdict) if opts.qa_out is not None else None,
+        sar_scale=sar_scale,
+        qa=_write_qa(opts, pair, matcher, sar_scale, log.overview, products, affine, tile_rows, verdict)
+        if opts.qa_out is not None else None,
+        tiepoints_out=str(opts.tiepoints_out) if opts.tiepoints_out else None, tiepoints=tie_summary,
+        verdict=verdict,
     )
+
+
+def _write_tiepoints(opts: RegisterOptions, pair: AlignedPair, points: TiePoints, tags: dict, apply: bool) -> dict:
+    """GCP mode's output image (from the reliable tie points; not when the registration is not
+    applied) and the tie point GeoPackage."""
+    gcps = None
+    if opts.mode == "gcps" and apply:
+        gcps = write_with_gcps(pair, opts.out, points.take(points.gcp_indices()), cog=opts.cog, tags=tags)
+    if opts.tiepoints_out is not None:
+        write_tiepoints(opts.tiepoints_out, points, pair.ref.crs)
+    return {"points": len(points), "reliable": int(np.count_nonzero(points.reliable)), "gcps": gcps}
 
 
 def _write_affine(opts: RegisterOptions, pair: AlignedPair, affine: np.ndarray, warper: RowWarper, tags: dict):
     """Affine mode: same CRS -> the moving pixels unchanged under a corrected geotransform (returned);
-    otherwise the moving image resampled with the fitted affine field (``None``)."""
+    otherwise the moving image resampled with the fitted affine field (``None``).  A registration
+    that is not applied writes the identity so in every mode but dense."""
     if pair.same_crs:
         return write_relocated(pair, opts.out, affine, cog=opts.cog, tags=tags)
     area = pair.area
@@ -356,6 +401,51 @@ def _write_affine(opts: RegisterOptions, pair: AlignedPair, affine: np.ndarray, 
             h = min(CHUNK, area.row + area.height - a)
             sink.write(*warper(coords.affine_to_flow_np(affine, h, area.width, col0=area.col, row0=a), a), a)
     return None
+
+
+def _run_meta(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher, sar_scale: str) -> dict:
+    """What the QA summary records of the run: inputs, outputs, method, versions, date, settings."""
+    weights = None
+    if opts.method == "soma":
+        from .model.loader import default_weights_path
+
+        meta = getattr(matcher, "metadata", {}) or {}
+        weights = {"file": Path(opts.weights or default_weights_path()).name, "sha256": meta.get("sha256"),
+                   "version": meta.get("version")}
+    return {
+        "inputs": {"sar": str(opts.sar), "opt": str(opts.opt)},
+        "outputs": {"image": str(opts.out), "flow": str(opts.flow_out) if opts.flow_out else None,
+                    "tiepoints": str(opts.tiepoints_out) if opts.tiepoints_out else None},
+        "method": opts.method, "mode": opts.mode, "reference": opts.reference,
+        "soma_version": __version__, "weights": weights,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"tile_size": opts.tile_size, "overlap": opts.overlap, "bands": list(pair.optical_bands),
+                     "sar_band": opts.sar_band, "sar_scale": opts.sar_scale, "sar_scale_used": sar_scale,
+                     "resampling": opts.resampling, "repair": opts.repair, "device": opts.device},
+    }
+
+
+def _qa_crop(opts: RegisterOptions, pair: AlignedPair, sar_scale: str, overview: qa.FlowOverview,
+             affine: np.ndarray) -> dict:
+    """The overview's full-resolution region for the QA alignment picture: reference, moving before
+    and after the flow that was applied (read with a margin the flow can reach, prepared as the
+    matcher saw them), that flow and the certainty."""
+    area, (r, c, h, w) = pair.area, overview.region
+    flow, cert = overview.region_arrays()
+    if opts.mode == "affine":
+        yy, xx = np.mgrid[area.row + r:area.row + r + h, area.col + c:area.col + c + w]
+        flow = np.stack(coords.affine_flow_points_np(affine, xx, yy)).astype(np.float32)
+    m = int(np.ceil(np.nanmax(np.abs(flow), initial=0.0))) + 2
+    r0, c0 = max(0, r - m), max(0, c - m)
+    ref, rv = pair.read_tile(tiling.Tile(r, c, h, w), True)
+    mov, mv = pair.read_tile(tiling.Tile(r0, c0, min(area.height, r + h + m) - r0, min(area.width, c + w + m) - c0),
+                             False)
+    ref = np.where(rv, preprocess.prepare(ref, rv, pair.ref_is_optical, sar_scale), np.nan)
+    mov = np.where(mv, preprocess.prepare(mov, mv, not pair.ref_is_optical, sar_scale), np.nan)
+    shift = np.array([c - c0, r - r0], np.float32)[:, None, None]
+    return {"ref": ref, "mov_before": mov[r - r0:r - r0 + h, c - c0:c - c0 + w],
+            "mov_after": coords.warp_np(mov, np.nan_to_num(flow) + shift, order=1, cval=np.nan),
+            "flow": flow, "certainty": cert, "origin": (area.row + r, area.col + c)}
 
 
 def _overview_products(pair: AlignedPair, sar_scale: str, overview: qa.FlowOverview,
@@ -378,18 +468,13 @@ def _overview_products(pair: AlignedPair, sar_scale: str, overview: qa.FlowOverv
     after = np.where(np.isfinite(flow).all(0), after, np.nan)
     return {"ref": ref_g.astype(np.float32), "mov_before": mov_g.astype(np.float32),
             "mov_after": after.astype(np.float32), "flow": flow.astype(np.float32),
-            "certainty": cert.astype(np.float32), "scale": s}
+            "certainty": cert.astype(np.float32), "scale": s, "origin": (area.row, area.col)}
 
 
-def _unmoved_products(products: dict) -> dict:
-    """The overview products of the moving image left where it was (flow 0, certainty 0)."""
-    flow = products["flow"]
-    return {**products, "mov_after": products["mov_before"], "flow": np.where(np.isfinite(flow), 0.0, np.nan),
-            "certainty": np.zeros_like(products["certainty"])}
-
-
-def _write_qa(opts: RegisterOptions, products: dict, tile_rows: list, verdict: dict) -> dict:
-    """The QA folder, from the overview products and the verdict."""
+def _write_qa(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher, sar_scale: str,
+              overview: qa.FlowOverview, products: dict, affine: np.ndarray, tile_rows: list, verdict: dict) -> dict:
+    """The QA folder, from the overview products of the field that was applied and the verdict."""
     qa_dir = Path(opts.qa_out)
     qa_dir.mkdir(exist_ok=True)
-    return qa.write_products(qa_dir, products, tile_rows, verdict)
+    return qa.write_products(qa_dir, products, tile_rows, meta=_run_meta(opts, pair, matcher, sar_scale),
+                             crop=_qa_crop(opts, pair, sar_scale, overview, affine), verdict=verdict)

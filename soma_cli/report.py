@@ -14,21 +14,32 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import InputError
 from .atomic import atomic_write, read_json
-from .qa import PRODUCTS
+from .errors import InputError
+from .qa import ALIGNMENT, PRODUCTS, input_names
 
 REPORT_NAME = "report.html"
 
+#: The scene-overview pictures and how to read them (``{s}``: the overview decimation).
 _IMAGES = (
-    ("checkerboard_before.png", "checkerboard before"),
-    ("checkerboard_after.png", "checkerboard after"),
-    ("flow.png", "flow"),
-    ("certainty.png", "certainty"),
-    ("flow_hist.png", "|flow| histogram"),
+    ("flow.png", ("Flow that was applied, in reference pixels; arrows point from each reference pixel "
+                  "towards its match in the moving image.")),
+    ("certainty.png", ("The matcher's certainty (0 = guess, 1 = sure); with repair on, uncertain outliers "
+                       "were blended towards a smooth scene field.")),
+    ("checkerboard_before.png", ("Reference (grey) and moving image (orange) in alternating squares, before "
+                                 "correction: features should continue across the square borders (overview "
+                                 "1:{s}; shifts of a few pixels show in the alignment picture above).")),
+    ("checkerboard_after.png", "The same after correction."),
+    ("flow_hist.png", "Distribution of |flow| over the overview pixels, with its median{clip}."),
 )
+
+_ALIGNMENT_CAPTION = (
+    "Full-resolution crop (outlined on the overview pictures), chosen where the optical image has "
+    "the most edges the matcher is sure of: edges of the optical image in yellow over the SAR image "
+    "in grey. Aligned when, after correction, the yellow lines follow the grey image's own edges "
+    "(road and field borders, shorelines, ridges).")
 
 _SUMMARY_KEYS = (
     ("similarity_before_median", "similarity before (median tile)"),
@@ -46,13 +57,12 @@ _SUMMARY_KEYS = (
     ("mean_certainty", "mean certainty"),
     ("certainty_coverage", "certainty coverage"),
     ("valid_fraction", "valid fraction"),
-    ("overview_scale", "overview decimation"),
 )
 
 _TILE_COLS = ("row_off", "col_off", "height", "width", "median_dx", "median_dy", "median_flow",
               "mean_certainty", "similarity_before", "similarity_after", "outlier_reason")
 
-_BATCH_COLS = ("id", "status", "seconds", "median_flow", "certainty_coverage", "affine_rmse",
+_BATCH_COLS = ("id", "status", "verdict", "seconds", "median_flow", "certainty_coverage", "affine_rmse",
                "similarity_before", "similarity_after", "outlier_share", "error")
 
 _CSS = """
@@ -61,9 +71,17 @@ h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:2e
 table{border-collapse:collapse;margin:.5em 0;font-size:.85em}
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}
 td.l,th.l{text-align:left}tr.bad td{background:#fde2e2}tr.skip td{color:#888}
-.imgs{display:flex;flex-wrap:wrap;gap:8px}.imgs figure{margin:0}
-.imgs img{max-width:420px;max-height:420px;border:1px solid #ccc}
-figcaption{font-size:.8em;color:#555}.err{color:#a00}small{color:#666}
+.imgs{display:flex;flex-wrap:wrap;gap:16px}.imgs figure{margin:0;max-width:660px}
+.imgs img{max-width:660px;max-height:700px;border:1px solid #ccc}
+.cols{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}h3{font-size:1em;margin:.8em 0 .2em}
+figure.wide{margin:.5em 0;max-width:100%}figure.wide img{max-width:100%;border:1px solid #ccc}
+figcaption{font-size:.8em;color:#555}.err{color:#a00}small{color:#666}p.sub{color:#444;margin-top:-.5em}
+.verdict{padding:.6em 1em;border-radius:4px;margin:1em 0;border:1px solid}
+.verdict b{font-size:1.2em;text-transform:uppercase;margin-right:.6em}
+.v-ok{background:#e3f5e1;border-color:#2e7d32}.v-ok b{color:#2e7d32}
+.v-doubtful{background:#fff4d6;border-color:#b26a00}.v-doubtful b{color:#b26a00}
+.v-failed{background:#fde2e2;border-color:#b71c1c}.v-failed b{color:#b71c1c}
+.v-other{background:#eee;border-color:#888}
 """
 
 
@@ -99,15 +117,78 @@ def _kv_table(rows: Sequence[tuple]) -> str:
     return "\n".join(out)
 
 
-def _images(qa_dir: Path, root: Path) -> str:
-    figs = []
-    for name, caption in _IMAGES:
-        p = qa_dir / name
-        if p.is_file():
-            rel = html.escape(_rel(p, root))
-            figs.append(f'<figure><a href="{rel}"><img src="{rel}" alt="{html.escape(caption)}" '
-                        f'loading="lazy"></a><figcaption>{html.escape(caption)}</figcaption></figure>')
+def _figure(qa_dir: Path, root: Path, name: str, caption: str, cls: str = "") -> str:
+    p = qa_dir / name
+    if not p.is_file():
+        return ""
+    rel = html.escape(_rel(p, root))
+    return (f'<figure{cls}><a href="{rel}"><img src="{rel}" alt="{html.escape(name)}" loading="lazy"></a>'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _hist_clipping(summary: dict) -> str:
+    """The histogram's clipping in words (empty when nothing lies beyond its range)."""
+    hist = summary.get("flow_hist") or {}
+    if not hist.get("beyond"):
+        return ""
+    return (f"; {hist['beyond']} values ({100 * float(hist.get('beyond_share') or 0):.2g}%) exceed "
+            f"{float(hist['upper_px']):.2f} px and are counted in the orange bar beyond the range")
+
+
+def _images(qa_dir: Path, root: Path, summary: dict, scale: str) -> str:
+    fmt = {"s": scale, "clip": _hist_clipping(summary)}
+    figs = [f for f in (_figure(qa_dir, root, name, caption.format(**fmt)) for name, caption in _IMAGES) if f]
     return '<div class="imgs">' + "\n".join(figs) + "</div>" if figs else "<p><small>no pictures</small></p>"
+
+
+def verdict_status(verdict) -> str:
+    """The status word of a summary's ``verdict`` (a dict with ``status``, or the word itself)."""
+    if isinstance(verdict, dict):
+        return str(verdict.get("status") or "")
+    return "" if verdict is None else str(verdict)
+
+
+def _verdict_class(status: str) -> str:
+    """CSS class of a verdict status: coloured for ok, doubtful and failed."""
+    s = status.lower()
+    return f"v-{s}" if s in ("ok", "doubtful", "failed") else "v-other"
+
+
+def _verdict(verdict) -> str:
+    """The verdict as a coloured box: status, reason, and any further fields in small print."""
+    status = verdict_status(verdict)
+    if not status:
+        return ""
+    extra = dict(verdict) if isinstance(verdict, dict) else {}
+    extra.pop("status", None)
+    reason = extra.pop("reason", "")
+    details = "; ".join(f"{k}: {_fmt(v)}" for k, v in extra.items())
+    return (f'<div class="verdict {_verdict_class(status)}"><b>{html.escape(status)}</b>{_e(reason)}'
+            + (f"<br><small>{html.escape(details)}</small>" if details else "") + "</div>")
+
+
+def _run_table(run: dict) -> str:
+    """Inputs, outputs, method, versions, weights, date and settings of the run."""
+    inputs, outputs = run.get("inputs") or {}, run.get("outputs") or {}
+    weights = run.get("weights") or {}
+    ref_name = input_names(run)[0]
+    rows = [
+        ("SAR input", inputs.get("sar")), ("optical input", inputs.get("opt")),
+        ("reference grid", f"{run.get('reference')} ({ref_name})" if run.get("reference") else None),
+        ("method / mode", f"{run.get('method')} / {run.get('mode')}"),
+        ("output image", outputs.get("image")), ("displacement", outputs.get("flow")),
+        ("SOMA version", run.get("soma_version")),
+        ("weights", f"{weights.get('file')} (version {weights.get('version')})" if weights else None),
+        ("weights sha256", weights.get("sha256")),
+        ("date (UTC)", run.get("date")),
+        ("settings", ", ".join(f"{k}={v}" for k, v in (run.get("settings") or {}).items())),
+    ]
+    out = ["<table>"]
+    for k, v in rows:
+        if v not in (None, ""):
+            out.append(f"<tr><th class=l>{html.escape(k)}</th><td class=l>{_e(v)}</td></tr>")
+    out.append("</table>")
+    return "\n".join(out)
 
 
 def _links(qa_dir: Path, root: Path, names: Sequence[str]) -> str:
@@ -118,11 +199,22 @@ def _links(qa_dir: Path, root: Path, names: Sequence[str]) -> str:
 
 def _qa_section(qa_dir: Path, root: Path, tiles_full: bool) -> str:
     summary = read_json(qa_dir / "summary.json") or {}
-    parts = [_kv_table([(label, summary.get(key)) for key, label in _SUMMARY_KEYS if key in summary])]
+    parts = [_verdict(summary.get("verdict"))]
+    scores = "<div><h3>scores</h3>" + _kv_table([(label, summary.get(key)) for key, label in _SUMMARY_KEYS
+                                                 if key in summary]) + "</div>"
+    run = ""
+    if isinstance(summary.get("run"), dict):  # in a batch report, folded: the pairs share most of it
+        run = (f"<div><h3>run</h3>{_run_table(summary['run'])}</div>" if tiles_full else
+               f"<div><details><summary>run</summary>{_run_table(summary['run'])}</details></div>")
+    parts.append(f'<div class="cols">{scores}{run}</div>')
     if summary.get("outlier_rule"):
         parts.append(f"<p><small>outlier rule: {html.escape(str(summary['outlier_rule']))}; similarity: "
                      f"{html.escape(str(summary.get('similarity', '')))}</small></p>")
-    parts.append(_images(qa_dir, root))
+    alignment = _figure(qa_dir, root, ALIGNMENT, _ALIGNMENT_CAPTION, ' class="wide"')
+    if alignment:
+        parts.append(f"<h3>alignment at full resolution</h3>{alignment}")
+    scale = f"{float(summary.get('overview_scale') or 1):g}"
+    parts.append(f"<h3>scene overview (1:{scale})</h3>" + _images(qa_dir, root, summary, scale))
     tiles = read_json(qa_dir / "tiles.json")
     if isinstance(tiles, list) and tiles:
         shown = tiles if tiles_full else [t for t in tiles if t.get("outlier")]
@@ -143,10 +235,23 @@ def _qa_section(qa_dir: Path, root: Path, tiles_full: bool) -> str:
     return "\n".join(parts)
 
 
-def _page(title: str, body: str) -> str:
+def _page(title: str, body: str, sub: str = "") -> str:
     t = html.escape(title)
+    sub = f'<p class="sub">{html.escape(sub)}</p>\n' if sub else ""
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{t}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>{t}</h1>\n{body}\n</body></html>\n")
+            f"<style>{_CSS}</style></head><body>\n<h1>{t}</h1>\n{sub}{body}\n</body></html>\n")
+
+
+def _qa_title(root: Path) -> Tuple[str, str]:
+    """(title, subtitle) of a QA folder's page: the inputs by name, reference first, when the
+    summary records the run; else the folder's name."""
+    run = (read_json(root / "summary.json") or {}).get("run")
+    if not isinstance(run, dict):
+        return f"SOMA QA report: {root.resolve().name}", ""
+    ref, mov = input_names(run)
+    sub = " \u00b7 ".join((f"{mov} aligned onto the grid of {ref}", f"{run.get('method')} / {run.get('mode')}",
+                           f"SOMA {run.get('soma_version')}", str(run.get("date"))))
+    return f"SOMA QA report: {ref} \u2190 {mov}", sub
 
 
 def read_runlog(path: Path) -> List[dict]:
@@ -195,12 +300,15 @@ def _batch_body(root: Path) -> str:
         r.setdefault("similarity_before", qa.get("similarity_before_median"))
         r.setdefault("similarity_after", qa.get("similarity_after_median"))
         r.setdefault("outlier_share", qa.get("outlier_share"))
+        r["verdict"] = verdict_status(r.get("verdict") or qa.get("verdict"))
         cls = {"failed": ' class="bad"', "skipped": ' class="skip"'}.get(str(r.get("status")), "")
         cells = []
         for c in _BATCH_COLS:
             v = r.get(c)
             if c == "id" and (root / pid / "qa" / "summary.json").is_file():
                 cells.append(f'<td class=l><a href="#pair-{html.escape(pid)}">{_e(v)}</a></td>')
+            elif c == "verdict" and v:
+                cells.append(f'<td class="l {_verdict_class(v)}">{_e(v)}</td>')
             else:
                 cells.append(f"<td{' class=l' if c in ('id', 'status', 'error') else ''}>{_e(v)}</td>")
         rows.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
@@ -212,7 +320,10 @@ def _batch_body(root: Path) -> str:
             continue
         r = records[pid]
         outs = _links(root / pid, root, ["aligned.tif", "flow.tif", "done.json"])
-        parts.append(f'<h2 id="pair-{html.escape(pid)}">{html.escape(pid)}</h2>'
+        run = (read_json(qa_dir / "summary.json") or {}).get("run")
+        names = " \u2190 ".join(input_names(run)) if isinstance(run, dict) else ""
+        parts.append(f'<h2 id="pair-{html.escape(pid)}">{html.escape(pid)}'
+                     + (f" <small>{html.escape(names)}</small>" if names else "") + "</h2>"
                      + (f"<p><small>outputs: {outs}</small></p>" if outs else "")
                      + _kv_table([("affine", r.get("affine")), ("affine rmse (px)", r.get("affine_rmse")),
                                   ("seconds", r.get("seconds"))])
@@ -230,7 +341,8 @@ def render(directory: Path, out: Optional[Path] = None) -> Path:
     if out.parent.resolve() != root.resolve():
         raise InputError("the report must be written inside the rendered folder (relative links)")
     if (root / "summary.json").is_file():
-        page = _page(f"SOMA QA report: {root.resolve().name}", _qa_section(root, root, tiles_full=True))
+        title, sub = _qa_title(root)
+        page = _page(title, _qa_section(root, root, tiles_full=True), sub)
     elif (root / "runlog.jsonl").is_file() or any(
             (p / "qa" / "summary.json").is_file() for p in root.iterdir() if p.is_dir()):
         page = _page(f"SOMA batch report: {root.resolve().name}", _batch_body(root))

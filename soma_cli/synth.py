@@ -21,8 +21,6 @@ import numpy as np
 
 from . import coords
 
-PROTOCOLS = ("paper", "geo", "train")
-
 
 @dataclass(frozen=True)
 class DeformParams:

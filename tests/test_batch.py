@@ -15,7 +15,7 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 
 from soma_cli import batch, report
-from soma_cli.errors import ConfigError, InputError, OutputError
+from soma_cli.errors import ConfigError, InputError, OutputError, SomaWarning
 
 SIZE = 192
 SHIFT = (2.0, -1.0)  # (dx, dy): optical pixel (c, r) shows up in the SAR at (c + dx, r + dy)
@@ -94,7 +94,7 @@ def test_batch_runs_resumes_isolates_failures_and_reports(tmp_path, inputs, clie
     for pid in ("p1", "p2"):
         r = recs[pid]
         assert r["status"] == "ok" and r["error"] is None
-        for name in ("aligned.tif", "flow.tif", "done.json", "qa/summary.json", "qa/tiles.csv"):
+        for name in ("aligned.tif", "flow.tif", "tiepoints.gpkg", "done.json", "qa/summary.json", "qa/tiles.csv"):
             assert (out / pid / name).is_file(), name
         assert batch.is_done(out / pid)
         # the synthetic shift is recovered (the gradient matcher is sub-pixel on this texture)
@@ -119,12 +119,15 @@ def test_batch_runs_resumes_isolates_failures_and_reports(tmp_path, inputs, clie
     assert sorted(r["id"] for r in log) == ["p1", "p2", "p3"]
     assert {r["status"] for r in log} == {"ok", "failed"} and all("seconds" in r for r in log)
 
-    # rerun: done pairs and the failed one are skipped, nothing is rewritten
+    # rerun: done pairs are skipped, the failed one is not run again but still counts as failed;
+    # nothing is rewritten
     mtime = (out / "p1" / "aligned.tif").stat().st_mtime_ns
     res2, recs2 = _run(inputs, out, client)
-    assert res2.counts() == {"ok": 0, "failed": 0, "skipped": 3}
+    assert res2.counts() == {"ok": 0, "failed": 1, "skipped": 2} and res2.has_failures()
     assert recs2["p1"]["median_flow"] == recs["p1"]["median_flow"]  # carried over from done.json
-    assert "failed before" in recs2["p3"]["reason"]
+    assert recs2["p3"]["status"] == "failed" and recs2["p3"]["error"] == bad["error"]
+    assert "--retry-failed" in recs2["p3"]["reason"] and "--retry-failed" in res2.summary()
+    assert res2.summary().startswith("0 ok, 1 failed, 2 skipped")
     assert (out / "p1" / "aligned.tif").stat().st_mtime_ns == mtime
     assert len(_runlog(out)) == 6
 
@@ -178,11 +181,12 @@ def test_is_done_requires_every_listed_output(tmp_path):
     assert batch.pair_state(d) == "todo"
     (d / "aligned.tif").write_bytes(b"12345")
     (d / "flow.tif").write_bytes(b"123")
-    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 3}}))
+    (d / "tiepoints.gpkg").write_bytes(b"1")
+    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 3, "tiepoints.gpkg": 1}}))
     assert batch.pair_state(d) == "done"
-    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5}}))  # flow.tif not listed
+    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "tiepoints.gpkg": 1}}))  # no flow.tif
     assert batch.pair_state(d) == "todo"
-    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 4}}))
+    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 4, "tiepoints.gpkg": 1}}))
     assert batch.pair_state(d) == "todo"
     (d / batch.FAILED).write_text("{}")
     assert batch.pair_state(d) == "failed"
@@ -244,6 +248,45 @@ def test_out_dir_guard(tmp_path):
     pair = batch.BatchPair("a", tmp_path / "a.tif", tmp_path / "b.tif")
     with pytest.raises(OutputError, match="not a soma batch folder"):
         batch.run_batch([pair], tmp_path, {"method": "identity"})
+
+
+def test_run_interrupted_before_any_pair_finished_resumes(tmp_path, client, monkeypatch):
+    """The run folder is claimed (run log created) before any work: a run interrupted while its
+    first pairs are still running is resumed, not refused as a foreign folder."""
+    s, o = make_pair(tmp_path / "in", "r1", seed=3)
+    pairs = [batch.BatchPair("r1", s, o)]
+    out = tmp_path / "out"
+
+    def interrupted(jobs, *args):
+        for job in jobs:  # the workers got going: partial outputs, no done.json
+            Path(job["pair_dir"]).mkdir(parents=True)
+            (Path(job["pair_dir"]) / ".aligned.tif.1.abcd.tmp.tif").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(batch, "_run_jobs", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            batch.run_batch(pairs, out, {"method": "gradient"}, client=client)
+    assert (out / batch.RUNLOG).is_file()
+    res = batch.run_batch(pairs, out, {"method": "gradient"}, client=client)
+    assert res.counts() == {"ok": 1, "failed": 0, "skipped": 0} and batch.is_done(out / "r1")
+
+
+def test_collect_pairs_and_glob_hints(tmp_path):
+    for sub, names in (("sar", ["S1_20200101.tif", "S1_20200202.tif"]), ("opt", ["S2_20200101.tif", "x.tif"])):
+        (tmp_path / sub).mkdir()
+        for n in names:
+            (tmp_path / sub / n).write_bytes(b"")
+    with pytest.raises(InputError, match="share a key.*--key-regex"):
+        batch.collect_pairs(sar_glob=str(tmp_path / "sar/*.tif"), opt_glob=str(tmp_path / "opt/*.tif"))
+    with pytest.warns(SomaWarning, match=r"2 file\(s\) without a partner: ") as seen:
+        pairs = batch.collect_pairs(sar_glob=str(tmp_path / "sar/*.tif"), opt_glob=str(tmp_path / "opt/*.tif"),
+                                    key_regex=r"_(\d{8})")
+    assert "S1_20200202.tif" in str(seen[0].message) and "x.tif" in str(seen[0].message)
+    assert [p.id for p in pairs] == ["20200101"]
+    for kw in ({}, {"manifest": tmp_path / "m.csv", "sar_glob": "a"}, {"sar_glob": "a"}):
+        with pytest.raises(ConfigError, match="either a MANIFEST.csv or both"):
+            batch.collect_pairs(**kw)
 
 
 def test_cli_batch_glob_and_report(tmp_path):

@@ -132,16 +132,16 @@ def test_weighted_affine_fit_is_robust_to_outliers():
     np.testing.assert_allclose(geometry.fit_affine(pts, tgt, torch.ones(1, 40, dtype=torch.float64))[0].numpy(), a, atol=2e-3)
 
 
-def test_weighted_similarity_fit_recovers_a_similarity_and_drops_shear():
-    th, sc = np.radians(7.0), 1.02
-    a = np.array([[sc * np.cos(th), -sc * np.sin(th), 5.0], [sc * np.sin(th), sc * np.cos(th), -3.0]])
-    pts = torch.tensor(np.random.default_rng(4).uniform(0, 512, (1, 200, 2)))
-    w = torch.ones(1, 200, dtype=torch.float64)
+def test_robust_affine_fit_ignores_outliers_that_pull_the_plain_fit():
+    """geometry.robust_fit_affine (Cauchy re-weighting) recovers the affine of the inliers where a
+    quarter of the points are gross outliers; the plain weighted fit is pulled away by them."""
+    a = np.array([[0.99, -0.12, 4.0], [0.12, 0.99, -2.5]])
+    pts = torch.tensor(np.random.default_rng(6).uniform(0, 64, (1, 200, 2)))
     tgt = torch.bmm(pts, torch.tensor(a[:, :2]).T[None]) + torch.tensor(a[:, 2])
-    np.testing.assert_allclose(geometry.fit_similarity(pts, tgt, w)[0].numpy(), a, atol=2e-3)
-    sheared = tgt.clone()
-    c = pts.mean(1, keepdim=True)  # a symmetric shear about the centroid: no similarity part
-    sheared[..., 0] += 0.02 * (pts[..., 1] - c[..., 1])
-    sheared[..., 1] += 0.02 * (pts[..., 0] - c[..., 0])
-    np.testing.assert_allclose(geometry.fit_similarity(pts, sheared, w)[0, :, :2].numpy(), a[:, :2], atol=5e-3)
-    assert np.abs(geometry.fit_affine(pts, sheared, w)[0, :, :2].numpy() - a[:, :2]).max() > 0.015
+    tgt[:, :50] += torch.tensor([9.0, -6.0], dtype=torch.float64)
+    w = torch.ones(1, 200, dtype=torch.float64)
+    robust = geometry.robust_fit_affine(pts, tgt, w, 1.0, 6)[0].numpy()
+    np.testing.assert_allclose(robust, a, atol=0.02)
+    assert np.abs(geometry.fit_affine(pts, tgt, w)[0].numpy() - a).max() > 1.0
+    # no re-weighting round: the plain fit
+    torch.testing.assert_close(geometry.robust_fit_affine(pts, tgt, w, 1.0, 0), geometry.fit_affine(pts, tgt, w))

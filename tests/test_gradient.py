@@ -169,8 +169,8 @@ def test_get_matcher_options_threads_and_unknown_keys():
 
     from soma_cli.errors import ConfigError
 
-    assert get_matcher("gradient", threads=3).threads == 3
-    assert get_matcher("gradient", device="cpu", batch_size=2, weights=None).threads >= 1
+    assert get_matcher("gradient", threads=3).cpu.threads() == 3
+    assert get_matcher("gradient", device="cpu", batch_size=2, weights=None).cpu.threads() >= 1
     for name in ("gradient", "identity", "soma"):
         with pytest.raises(ConfigError, match="batchsize"):
             get_matcher(name, batchsize=2)
@@ -180,3 +180,37 @@ def test_get_matcher_options_threads_and_unknown_keys():
         assert m.batch_size == 3 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_share_follows_other_processes(monkeypatch):
+    """Without --threads the thread count is the cores other processes leave free (at least 1, at
+    most the usable cores); a pinned count is used as is."""
+    from soma_cli import cpu
+
+    share = cpu.CpuShare()
+    share.cores = 4
+    for others, expected in ((0.0, 4), (1.0, 3), (2.6, 1), (9.0, 1)):
+        monkeypatch.setattr(share, "others_busy", lambda o=others: o)
+        assert share.threads() == expected
+    assert cpu.CpuShare(3).threads() == 3
+
+
+def test_cpu_share_sees_a_busy_process():
+    """A process spinning on one core counts as one busy core (give or take the sampling)."""
+    import subprocess
+    import sys
+    import time
+
+    from soma_cli import cpu
+
+    share = cpu.CpuShare()
+    share.others_busy()
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(1.0)
+        share.others_busy()
+        time.sleep(1.0)
+        assert share.others_busy() > 0.6
+    finally:
+        spin.kill()
+        spin.wait()

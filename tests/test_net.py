@@ -1,4 +1,5 @@
-"""SOMA network: shapes, oriented kernels, TorchScript export/loading, weights checks, inference."""
+"""SOMA network: configuration, shapes, oriented kernels, matching operators, TorchScript
+export/loading, weights checks, inference."""
 
 import json
 import math
@@ -11,9 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from soma_cli import infer
-from soma_cli.model import geometry
 from soma_cli.errors import WeightsError
-from soma_cli.model import loader, net
+from soma_cli.model import correlation as corr_ops
+from soma_cli.model import encoder, geometry, loader, net
+from soma_cli.model.checkpoint import save_checkpoint
+from soma_cli.model.config import DenseLevelConfig, EncoderConfig, GlobalConfig, SomaConfig
+from soma_cli.model.export import export
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -21,22 +25,58 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return net.build().eval()
+    return net.SomaNet().eval()
+
+
+def test_config_round_trip_and_validation():
+    """The configuration survives to_dict -> JSON -> from_dict exactly; unknown, missing and
+    mistyped keys, nested ones included, are refused with the key's path; it is immutable."""
+    import dataclasses
+
+    cfg = SomaConfig(global_search=GlobalConfig(radius=7), fit_iterations=2)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["encoder"]["channels"] == [16, 32, 64] and d["dense1"]["cone"] is False
+    assert SomaConfig.from_dict(d) == cfg and SomaConfig.from_dict(SomaConfig().to_dict()) == SomaConfig()
+    bad = [({**d, "rewarp": False}, "unknown key"), ({k: v for k, v in d.items() if k != "dense4"}, "missing key"),
+           ({**d, "dense2": {**d["dense2"], "step": 1.5}}, r"config\.dense2\.step"),
+           ({**d, "encoder": {**d["encoder"], "channels": [16, 32]}}, r"config\.encoder\.channels"),
+           ({**d, "dense1": {**d["dense1"], "cone": 0}}, "expected bool"),
+           ({**d, "global_search": {**d["global_search"], "bogus": 1}}, r"config\.global_search: unknown"),
+           ([], "expected an object")]
+    for data, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            SomaConfig.from_dict(data)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.fit_iterations = 4
+
+
+def test_network_follows_its_config():
+    """The stages take their numbers from the configuration the network was built with."""
+    cfg = SomaConfig(global_search=GlobalConfig(radius=6, candidates=1),
+                     encoder=EncoderConfig(channels=(8, 16, 24), learnt=4))
+    m = net.SomaNet(cfg).eval()
+    assert m.config is cfg and m.global_search.radius == 6 and m.dense1.step == 4
+    assert m.enc_sar.l3[0][0].out_channels == 24 and m.enc_opt.p8.out_channels == 4
+    assert net.n_params(m) < net.n_params(net.SomaNet())
+    with torch.inference_mode():
+        out = m.run(torch.randn(1, 1, 512, 512), torch.randn(1, 1, 512, 512))
+    assert out["global_scores"].shape == (1, m.global_search.n_rotations(), 13, 13)
+    assert out["flow"].shape == (1, 2, 512, 512)
 
 
 def test_oriented_kernels_are_exact_rotations():
     for size in (3, 5):
-        gx, gy = net.sobel_pair(size)
-        k = net.oriented_kernels(size, [0.0, 45.0, 90.0, 135.0])
+        gx, gy = encoder.sobel_pair(size)
+        k = encoder.oriented_kernels(size, [0.0, 45.0, 90.0, 135.0])
         r = 1.0 / math.sqrt(2.0)
         assert torch.allclose(k[0], gx, atol=1e-6)
         assert torch.allclose(k[2], gy, atol=1e-6)
         assert torch.allclose(k[1], r * (gx + gy), atol=1e-6)
         assert torch.allclose(k[3], r * (gy - gx), atol=1e-6)
-    assert torch.equal(net.sobel_pair(3)[0], torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]))
-    fge = net.FGE(16, 4)
+    assert torch.equal(encoder.sobel_pair(3)[0], torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]]))
+    fge = encoder.FGE(16, 4)
     assert fge.k3.requires_grad and fge.k3.shape == (8, 3, 3) and fge.k5.shape == (8, 5, 5)
-    assert torch.allclose(fge.k3[4] * 8.0, net.sobel_pair(3)[1])
+    assert torch.allclose(fge.k3[4] * 8.0, encoder.sobel_pair(3)[1])
 
 
 def test_param_count(model):
@@ -56,14 +96,14 @@ def test_shapes_and_finite(model, b, size):
 
 
 def test_training_outputs_and_gradients(model):
-    m = net.build().train()
+    m = net.SomaNet().train()
     x = torch.randn(1, 1, 128, 128)
     out = m.run(x, x.clone())
     for k in ("flow", "flow2", "flow4", "affine_global", "affine8", "affine4", "logit", "global_scores"):
         assert k in out and torch.isfinite(out[k]).all(), k
     assert out["flow2"].shape[-1] == 64 and out["flow4"].shape[-1] == 32
-    r = m.global_radius(16, 16)
-    assert r == 2 and out["global_scores"].shape == (1, m.n_rotations(), 2 * r + 1, 2 * r + 1)
+    r = m.global_search.search_radius(16, 16)
+    assert r == 2 and out["global_scores"].shape == (1, m.global_search.n_rotations(), 2 * r + 1, 2 * r + 1)
     (out["flow"].abs().mean() + out["global_scores"].mean()).backward()
     for p in (m.enc_sar.fge1.k3, m.enc_sar.grad.k3, m.enc_opt.grad.k5, m.enc_sar.p8.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
@@ -75,14 +115,14 @@ def test_peak_subpixel_and_xcorr():
     d = torch.arange(-r, r + 1, dtype=torch.float32)
     dy, dx = torch.meshgrid(d, d, indexing="ij")
     corr = -((dx - 0.3) ** 2 + (dy + 0.2) ** 2).reshape(1, -1, 1, 1)
-    disp, interior = net.peak_subpixel(corr, r)
+    disp, interior = corr_ops.peak_subpixel(corr, r, False)
     assert torch.allclose(disp.flatten(), torch.tensor([0.3, -0.2]), atol=1e-5) and interior.item() == 1
     edge = -((dx - 2.0) ** 2 + dy ** 2).reshape(1, -1, 1, 1)  # best displacement on the window border
-    assert net.peak_subpixel(edge, r)[1].item() == 0
+    assert corr_ops.peak_subpixel(edge, r, False)[1].item() == 0
     g = torch.Generator().manual_seed(0)
     a = torch.randn(1, 3, 20, 24, generator=g)
     b = torch.roll(a, shifts=(2, -3), dims=(2, 3))  # b(q + (dx=-3, dy=2)) = a(q)
-    c = net.xcorr_shifts(a, b, 4)
+    c = corr_ops.xcorr_shifts(a, b, 4)
     iy, ix = divmod(int(c[0].argmax()), 9)
     assert (ix - 4, iy - 4) == (-3, 2)
 
@@ -95,7 +135,7 @@ def test_window_zncc_matches_brute_force_and_peaks_at_the_shift():
     b = torch.roll(a, shifts=(1, -2), dims=(2, 3))  # a(q) = b(q + (dx=-2, dy=1))
     b = 2.5 * b + 0.7
     r, k = 3, 7
-    z = net.window_zncc(a, b, r, k)
+    z = corr_ops.window_zncc(a, b, r, k)
     assert z.shape == (1, (2 * r + 1) ** 2, 24, 26)
     y, x = 12, 11
     for dy, dx in ((0, 0), (1, -2), (-2, 3)):
@@ -120,7 +160,7 @@ def test_window_zncc_is_bounded_and_scores_zero_without_a_window():
     b = torch.randn(2, 4, 30, 34, generator=g)
     b[1, :, :, :12] = 0.0  # flat: no variance
     r, k = 3, 7
-    z = net.window_zncc(a, b, r, k)
+    z = corr_ops.window_zncc(a, b, r, k)
     assert torch.isfinite(z).all() and z.abs().max().item() <= 1.0
     n = 2 * r + 1
     for dy in range(-r, r + 1):
@@ -131,7 +171,7 @@ def test_window_zncc_is_bounded_and_scores_zero_without_a_window():
             if dx > 0:
                 assert (z[:, c, :, -1] == -1).all()  # right of the last column
     assert (z[1, :, r:-r, r:12 - k // 2 - r] == 0).all()  # every shifted window flat, inside
-    sparse = net.window_zncc(a, b, r, k, 4)
+    sparse = corr_ops.window_zncc(a, b, r, k, 4)
     assert torch.equal(sparse, geometry.subsample(z, 4))
 
 
@@ -143,14 +183,14 @@ def test_sub_pixel_fits_parabola_and_equiangular():
         d = torch.tensor([-1.0, 0.0, 1.0])
         quad = -((d - true) ** 2)
         cone = -(d - true).abs()
-        assert abs(net.parabola(quad[0], quad[1], quad[2]).item() - true) < 1e-6
-        assert abs(net.equiangular(cone[0], cone[1], cone[2]).item() - true) < 1e-6
-        assert abs(net.parabola(cone[0], cone[1], cone[2]).item()) < abs(true)
+        assert abs(corr_ops.parabola(quad[0], quad[1], quad[2]).item() - true) < 1e-6
+        assert abs(corr_ops.equiangular(cone[0], cone[1], cone[2]).item() - true) < 1e-6
+        assert abs(corr_ops.parabola(cone[0], cone[1], cone[2]).item()) < abs(true)
     r = 2
     g = torch.arange(-r, r + 1, dtype=torch.float32)
     dy, dx = torch.meshgrid(g, g, indexing="ij")
     corr = -((dx - 0.3).abs() + (dy + 0.2).abs()).reshape(1, -1, 1, 1)
-    disp, _ = net.peak_subpixel(corr, r, True)
+    disp, _ = corr_ops.peak_subpixel(corr, r, True)
     assert torch.allclose(disp.flatten(), torch.tensor([0.3, -0.2]), atol=1e-5)
 
 
@@ -161,14 +201,14 @@ def test_strided_window_zncc_equals_the_dense_one_subsampled():
     for h, w in ((40, 40), (45, 62)):
         a = torch.randn(1, 4, h, w, generator=g, dtype=torch.float64)
         b = torch.randn(1, 4, h, w, generator=g, dtype=torch.float64)
-        full = net.window_zncc(a, b, 2, 9)
+        full = corr_ops.window_zncc(a, b, 2, 9)
         for step in (2, 3, 4):
-            sparse = net.window_zncc(a, b, 2, 9, step)
+            sparse = corr_ops.window_zncc(a, b, 2, 9, step)
             ref = geometry.subsample(full, step)
             assert sparse.shape == ref.shape == (1, 25, len(range(step // 2, h, step)), len(range(step // 2, w, step)))
             assert torch.allclose(sparse, ref, atol=1e-12), (h, w, step)
     torch.manual_seed(0)
-    enc = net.Encoder([8, 8, 8], 4).eval()
+    enc = encoder.Encoder(EncoderConfig(channels=(8, 8, 8), learnt=4)).eval()
     x = torch.randn(1, 1, 64, 64)
     with torch.inference_mode():
         assert torch.equal(enc(x, False)[0], enc(x)[3])
@@ -181,31 +221,32 @@ def test_box_matches_pooling():
     for k in (3, 5, 9, 15, 17, 31, 61):
         ref = F.avg_pool2d(x, [1, k], 1, [0, k // 2], count_include_pad=False)
         ref = F.avg_pool2d(ref, [k, 1], 1, [k // 2, 0], count_include_pad=False)
-        assert torch.allclose(net.box(x, k), ref, atol=1e-9), k
-    wide = net.box(x, 121)  # wider than the image: every position averages the whole image
+        assert torch.allclose(corr_ops.box(x, k), ref, atol=1e-9), k
+    wide = corr_ops.box(x, 121)  # wider than the image: every position averages the whole image
     assert torch.allclose(wide, x.mean((2, 3), keepdim=True).expand_as(x), atol=1e-9)
 
 
-def test_edge_support_counts_beyond_the_border_as_zero_weight():
-    """With ``edge``, the consensus support is the window *sum* of the weights over the full window
-    area (zero-padded pooling), so a window cut by the border has less support than a full one,
-    while the weighted mean is the same as without it; ``window_fraction`` is the share inside."""
+def test_consensus_support_counts_beyond_the_border_as_zero_weight():
+    """norm_conv: the weighted window mean over the part of the window inside the grid, and as
+    support the window *sum* of the weights over the full window area (zero-padded pooling), so a
+    window cut by the border has less support than a full one; ``window_fraction`` is the share
+    of a window inside the grid."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 2, 30, 41, generator=g, dtype=torch.float64)
     w = torch.rand(2, 1, 30, 41, generator=g, dtype=torch.float64)
+
+    def pool(v, k, pad):
+        v = F.avg_pool2d(v, [1, k], 1, [0, k // 2], count_include_pad=pad)
+        return F.avg_pool2d(v, [k, 1], 1, [k // 2, 0], count_include_pad=pad)
+
     for k in (5, 15, 61):
-        mean0, sup0 = net.norm_conv(x, w, k)
-        mean1, sup1 = net.norm_conv(x, w, k, edge=True)
-        assert torch.allclose(mean0, mean1)
-        padded = F.avg_pool2d(w, [1, k], 1, [0, k // 2], count_include_pad=True)
-        padded = F.avg_pool2d(padded, [k, 1], 1, [k // 2, 0], count_include_pad=True)
-        assert torch.allclose(sup1, padded, atol=1e-9), k
-        frac = net.window_fraction(30, 41, k, x.device, x.dtype)
-        assert torch.allclose(sup1, sup0 * frac)
-    frac = net.window_fraction(30, 41, 5, x.device, x.dtype)[0, 0]
+        mean, sup = corr_ops.norm_conv(x, w, k)
+        assert torch.allclose(mean, pool(x * w, k, False) / pool(w, k, False), atol=1e-9), k
+        assert torch.allclose(sup, pool(w, k, True), atol=1e-9), k
+    frac = corr_ops.window_fraction(30, 41, 5, x.device, x.dtype)[0, 0]
     assert frac[0, 0] == pytest.approx(9 / 25) and frac[15, 20] == 1.0 and frac[0, 20] == pytest.approx(3 / 5)
     # uniform weights: the support falls towards the border and corners, and stays 1 inside
-    _, sup = net.norm_conv(x, torch.ones_like(w), 15, edge=True)
+    _, sup = corr_ops.norm_conv(x, torch.ones_like(w), 15)
     assert sup[0, 0, 15, 20] == pytest.approx(1.0) and sup[0, 0, 0, 0] < 0.3 and sup[0, 0, 0, 20] < 0.6
 
 
@@ -213,28 +254,24 @@ def test_global_verification_prefers_the_supported_candidate():
     """Of several global candidates, verify keeps the one under which the two descriptor maps
     agree window by window (here the identity), whatever their order."""
     torch.manual_seed(0)
-    m = net.build().eval()
+    m = net.SomaNet().eval()
     g = torch.Generator().manual_seed(5)
     img = F.avg_pool2d(torch.randn(1, 1, 256, 256, generator=g), 5, 1, 2)
     with torch.inference_mode():
-        d8 = net.l2n(m.enc_opt(img)[3])
+        d8 = corr_ops.l2n(m.enc_opt(img)[3])
         ones = torch.ones(1, 1, 32, 32)
         eye = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         wrong = torch.tensor([[1.0, 0.0, 2.5], [0.0, 1.0, -1.5]])
         for order in ((eye, wrong, wrong + 0.01), (wrong, wrong + 0.01, eye)):
-            best = m.verify(d8, d8, ones, ones, torch.stack(order)[None])
+            best = m.global_search.verify(d8, d8, ones, ones, torch.stack(order)[None], m.log_scale[1].exp())
             assert torch.allclose(best[0], eye), order
 
 
-@pytest.mark.parametrize("rewarp", [False, True])
-def test_untrained_net_recovers_rotation_and_shift(rewarp):
+def test_untrained_net_recovers_rotation_and_shift():
     """The structure alone (CFOG-like initial descriptors, rotation hypotheses, sub-pixel peaks,
-    affine fits) recovers a rotated and shifted copy of a textured image to well under a pixel;
-    so it does with the (switched-off) re-encoding at the refined 1/2 affine, whose composition
-    with the dense flow must keep the same convention."""
+    affine fits) recovers a rotated and shifted copy of a textured image to well under a pixel."""
     torch.manual_seed(0)
-    m = net.build().eval()
-    m.rewarp = rewarp
+    m = net.SomaNet().eval()
     from scipy import ndimage
 
     rng = np.random.default_rng(0)
@@ -244,8 +281,6 @@ def test_untrained_net_recovers_rotation_and_shift(rewarp):
     a = torch.tensor([[[math.cos(t), -math.sin(t), 0.0], [math.sin(t), math.cos(t), 0.0]]])
     a[0, 0, 2] = c - (math.cos(t) * c - math.sin(t) * c) + 9.3
     a[0, 1, 2] = c - (math.sin(t) * c + math.cos(t) * c) - 5.6
-    from soma_cli.model import geometry
-
     x = torch.from_numpy(img)[None, None]
     gt = geometry.affine_to_flow(a, 256, 256)
     # moving image: opt(q) = sar(q + gt(q)), i.e. sar = opt warped by the inverse affine
@@ -258,10 +293,10 @@ def test_untrained_net_recovers_rotation_and_shift(rewarp):
 
 
 def _export(model, path):
-    scripted = torch.jit.script(model)
-    scripted.save(str(path))
-    meta = {"sha256": loader.sha256_file(path), "version": "test", "tile_multiple": 32}
-    loader.metadata_path(path).write_text(json.dumps(meta))
+    """Export ``model`` to ``path`` the way ``soma export`` does, through a checkpoint."""
+    ckpt = path.with_name(path.stem + ".ckpt")
+    save_checkpoint(ckpt, model, step=0, val=None)
+    return export(ckpt, path, overwrite=True)
 
 
 def test_export_loads_in_fresh_process(model, tmp_path):
@@ -309,34 +344,12 @@ def test_affine_blend_keeps_certain_flow_and_fills_the_rest_with_its_affine(mode
     cert[:, :, 40:60, 40:60] = 0.0
     flow[:, :, 100:110, 100:110] += 0.8  # a small local deviation, a quarter certain
     cert[:, :, 100:110, 100:110] = 0.25
-    out = model.affine_blend(flow, cert)
+    out = model.blend(flow, cert)
     assert torch.equal(out[:, :, :40], flow[:, :, :40])
     assert (out[:, :, 40:60, 40:60] - aff[:, :, 40:60, 40:60]).abs().max() < 0.01
     assert torch.allclose(out[:, :, 100:110, 100:110], aff[:, :, 100:110, 100:110] + 0.2, atol=0.01)
     # an untrained calibration (cert_w = 0, certainty 0.5) leaves the blend off
-    assert not net.build().blend_active()
-
-
-def test_affine_blend_local_prior_carries_a_local_field_into_an_uncertain_hole():
-    """``blend_local`` (off in the shipped network): a 2 px local offset seen around a hole of zero
-    certainty carries into the hole, where the plain blend puts the tile's affine (the offset's
-    region is a minority, so the robust affine ignores it); outside the hole, where the
-    certainty is 1, the flow is kept either way."""
-    m = net.build().eval()
-    h = w = 128
-    flow = torch.zeros(1, 2, h, w)
-    flow[:, 0, 30:98, 30:98] = 2.0  # the local field
-    cert = torch.ones(1, 1, h, w)
-    cert[:, :, 54:74, 54:74] = 0.0  # untextured: the flow there is noise
-    flow[:, :, 54:74, 54:74] = torch.tensor([-5.0, 3.0]).view(1, 2, 1, 1)
-    plain = m.affine_blend(flow, cert)
-    m.blend_local = 41
-    local = m.affine_blend(flow, cert)
-    hole = (slice(None), slice(None), slice(58, 70), slice(58, 70))
-    assert plain[hole][:, 0].abs().max() < 0.2  # the affine (about zero)
-    # most of the offset (the window reaches past the field's edge, and tau damps the mean a little)
-    assert (local[hole][:, 0] - 2.0).abs().max() < 0.4 and local[hole][:, 1].abs().max() < 0.3
-    assert torch.equal(local[:, :, :54], flow[:, :, :54]) and torch.equal(plain[:, :, :54], flow[:, :, :54])
+    assert not net.SomaNet().blend_active()
 
 
 def test_weights_errors(model, tmp_path):
@@ -345,19 +358,42 @@ def test_weights_errors(model, tmp_path):
         loader.load_weights(w)
     _export(model, w)
     loader.load_weights(w)
-    meta = json.loads(loader.metadata_path(w).read_text())
-    meta["sha256"] = "0" * 64
-    loader.metadata_path(w).write_text(json.dumps(meta))
+    meta_path = loader.metadata_path(w)
+    good = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**good, "sha256": "0" * 64}))
     with pytest.raises(WeightsError, match="sha256 mismatch"):
         loader.load_weights(w)
     # truncated file whose metadata matches: the TorchScript loader fails -> WeightsError
-    data = w.read_bytes()[:5000]
-    w.write_bytes(data)
-    loader.metadata_path(w).write_text(json.dumps({"sha256": loader.sha256_file(w)}))
+    w.write_bytes(w.read_bytes()[:5000])
+    meta_path.write_text(json.dumps({**good, "sha256": loader.sha256_file(w)}))
     with pytest.raises(WeightsError, match="cannot load"):
         loader.load_weights(w)
-    loader.metadata_path(w).unlink()
+    meta_path.unlink()
     with pytest.raises(WeightsError, match="metadata"):
+        loader.load_weights(w)
+
+
+def test_loader_reads_the_config_back_and_refuses_a_wrong_one(tmp_path):
+    """The exported metadata records the network's configuration; the loader reads it back as the
+    same SomaConfig, and refuses metadata whose config lacks a key, has an unknown one, a value of
+    the wrong type, or is absent, before loading anything."""
+    cfg = SomaConfig(blend_iterations=4, dense1=DenseLevelConfig(radius=1, window=31, smooth=61, step=2, cone=False))
+    w = tmp_path / "soma-c.pt"
+    meta = _export(net.SomaNet(cfg).eval(), w)
+    model, got = loader.load_weights(w)
+    assert got["config"] == meta["config"] == cfg.to_dict()
+    assert loader.weights_config(got, w) == cfg
+    meta_path = loader.metadata_path(w)
+    good = json.loads(meta_path.read_text())
+    c = good["config"]
+    wrong = [{**c, "n_aff8": 3}, {k: v for k, v in c.items() if k != "blend_step"},
+             {**c, "affine4": {**c["affine4"], "window": "9"}}]
+    for bad in wrong:
+        meta_path.write_text(json.dumps({**good, "config": bad}))
+        with pytest.raises(WeightsError, match="invalid network config"):
+            loader.load_weights(w)
+    meta_path.write_text(json.dumps({k: v for k, v in good.items() if k != "config"}))
+    with pytest.raises(WeightsError, match="metadata has no config"):
         loader.load_weights(w)
 
 
@@ -393,9 +429,9 @@ def test_infer_runs_tiles_one_by_one_on_cpu():
 def test_identical_inputs_zero_flow_with_shipped_weights():
     """Identical optical and SAR inputs (smooth noise, unlike either modality) give ~zero flow.
 
-    With the shipped weights (weights/soma-0.10.0.pt, as with 0.9.0, 0.7.0 and 0.6.0) the measured median |flow| on this image is
-    0.026 px, and the largest component 0.047 px (seeds 4 and 5: 0.026-0.027 and 0.048-0.050). The
-    bound 0.25 px leaves a margin and still fails on any half-pixel slip or a flow that runs away.
+    With the shipped weights the measured median |flow| on this image is 0.026 px, and the largest
+    component 0.047 px (seeds 4 and 5: 0.026-0.027 and 0.048-0.050). The bound 0.25 px leaves a
+    margin and still fails on any half-pixel slip or a flow that runs away.
     """
     w = loader.default_weights_path()
     if not w.is_file():
@@ -424,12 +460,13 @@ def test_cpu_allocator_tuning_applies_on_glibc():
 
 
 def test_global_search_radius_follows_small_tiles_only():
-    """512 px tiles (64 cells at stride 8) and larger search +-r_global cells; smaller tiles search in
-    proportion to their shorter side (256 px: +-5 cells), at least 2 cells; the global scores follow."""
-    m = net.build().eval()
-    assert m.r_global == 10
-    assert [m.global_radius(n, n) for n in (64, 128, 48, 32, 16, 8)] == [10, 10, 7, 5, 2, 2]
-    assert m.global_radius(32, 64) == 5 and m.global_radius(64, 40) == 6
+    """512 px tiles (64 cells at stride 8) and larger search the full radius; smaller tiles search
+    in proportion to their shorter side (256 px: +-5 cells), at least 2 cells; the scores follow."""
+    m = net.SomaNet().eval()
+    gs = m.global_search
+    assert gs.radius == 10
+    assert [gs.search_radius(n, n) for n in (64, 128, 48, 32, 16, 8)] == [10, 10, 7, 5, 2, 2]
+    assert gs.search_radius(32, 64) == 5 and gs.search_radius(64, 40) == 6
     with torch.inference_mode():
         x = torch.randn(1, 1, 256, 256)
         out = m.run(x, x.clone())

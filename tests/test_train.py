@@ -1,4 +1,5 @@
-"""Training: cache preparation (with a stand-in cleaning matcher), fit, checkpoint, resume, export."""
+"""Training: cache preparation (with a stand-in cleaning matcher), fit, checkpoint, resume,
+validation, losses, export."""
 
 import json
 
@@ -6,9 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from soma_cli import train
-from soma_cli.errors import ConfigError, OutputError
+from soma_cli import metrics, train
+from soma_cli.errors import ConfigError, OutputError, WeightsError
 from soma_cli.model import loader
+from soma_cli.model.checkpoint import load_model_checkpoint, save_checkpoint
+from soma_cli.model.export import export
+from soma_cli.model.net import SomaNet
+from soma_cli.train import data, losses, loop
 
 
 class ShiftMatcher:
@@ -60,9 +65,9 @@ def test_smooth_residual_recovers_constant_and_clips():
     f[0], f[1] = 1.5, -0.5
     noisy = f.copy()
     noisy[:, :8, :8] = 40.0  # outliers
-    sm = train.smooth_residual(noisy, np.ones((64, 64)), step=2)
+    sm = data.smooth_residual(noisy, np.ones((64, 64)), step=2)
     assert np.allclose(sm[:, 32:, 32:], f[:, 32:, 32:], atol=0.05)
-    assert np.abs(train.smooth_residual(f * 10, np.ones((64, 64)))).max() <= 4.0
+    assert np.abs(data.smooth_residual(f * 10, np.ones((64, 64)))).max() <= 4.0
 
 
 def test_prepare_fit_resume_export(tmp_path):
@@ -94,7 +99,8 @@ def test_prepare_fit_resume_export(tmp_path):
     progress = []
     res = train.fit(cache, out, cfg, progress=lambda d, n, i: progress.append((d, n, i)))
     assert res["step"] == 4 and progress[-1][0] == 4 and "val_cmr1" in progress[-1][2]
-    assert 0.0 <= res["val"]["cmr1"] <= 1.0 and np.isfinite(res["val"]["median_rmse"])
+    assert 0.0 <= res["val"]["cmr1"] <= 1.0 and np.isfinite(res["val"]["rmse_median"])
+    assert set(res["val"]["by_protocol"]) == {"paper", "geo"} and res["val"]["n"] == 4
     for name in ("ckpt.pt", "model.pt", "best.pt", "log.jsonl"):
         assert (out / name).is_file()
     # resume: a longer schedule continues from step 4
@@ -111,11 +117,14 @@ def test_prepare_fit_resume_export(tmp_path):
     assert res3["stop"] == "time budget" and res3["step"] < 1000
     # export -> TorchScript + metadata, loadable by the loader
     w = tmp_path / "soma-t.pt"
-    meta = train.export(out / "model.pt", w, training_data="tiny")
+    meta = export(out / "model.pt", w, training_data="tiny")
     model, m2 = loader.load_weights(w)
     assert m2["sha256"] == meta["sha256"] == loader.sha256_file(w) and m2["tile_multiple"] == 32
+    assert m2["training_step"] == res3["step"] and m2["config"] == SomaNet().config.to_dict()
     with pytest.raises(OutputError):
-        train.export(out / "model.pt", w)
+        export(out / "model.pt", w)
+    with pytest.raises(ConfigError):
+        export(out / "model.pt", tmp_path / "soma-t.pth")
 
 
 def _tiny_cache(tmp_path, seed: int, size: int):
@@ -139,11 +148,11 @@ def test_fit_init_starts_from_checkpoint_weights(tmp_path):
     optimizer and step counter; an existing ckpt.pt in the run folder is resumed instead."""
     cache = _tiny_cache(tmp_path, seed=1, size=96)
     # a "pretrained" checkpoint whose weights are all distinctive
-    src = train.netmod.build()
+    src = SomaNet()
     with torch.no_grad():
         for p in src.parameters():
             p.fill_(0.0123)
-    torch.save({"model": src.state_dict(), "step": 777}, tmp_path / "pre.pt")
+    save_checkpoint(tmp_path / "pre.pt", src, step=777)
     cfg = train.FitConfig(steps=1, batch_size=1, crop=64, lr=0.0, weight_decay=0.0, threads=1, device="cpu",
                           val_chip=64, val_pairs=1, val_every=1, init=str(tmp_path / "pre.pt"))
     res = train.fit(cache, tmp_path / "run", cfg)
@@ -163,11 +172,12 @@ def test_fit_init_starts_from_checkpoint_weights(tmp_path):
     assert train.fit(cache, tmp_path / "run0", cfg2)["step"] == 2
     got2 = torch.load(tmp_path / "run0" / "model.pt", weights_only=False)["model"]
     assert all(torch.allclose(got2[n], got0[n]) for n in params)
-    # a missing init checkpoint is a clear WeightsError
-    from soma_cli.errors import WeightsError
-
-    with pytest.raises(WeightsError):
+    # a missing init checkpoint, or a file that is no checkpoint, is a clear WeightsError
+    with pytest.raises(WeightsError, match="not found"):
         train.fit(cache, tmp_path / "run2", train.FitConfig(**{**cfg.__dict__, "init": str(tmp_path / "nope.pt")}))
+    torch.save({"model": src.state_dict()}, tmp_path / "bare.pt")  # no network configuration
+    with pytest.raises(WeightsError, match="not a SOMA training checkpoint"):
+        train.fit(cache, tmp_path / "run3", train.FitConfig(**{**cfg.__dict__, "init": str(tmp_path / "bare.pt")}))
 
 
 def test_fit_only_certainty_changes_nothing_but_the_calibration(tmp_path):
@@ -176,10 +186,8 @@ def test_fit_only_certainty_changes_nothing_but_the_calibration(tmp_path):
     and its certainty is no longer the untrained 0.5."""
     cache = _tiny_cache(tmp_path, seed=2, size=128)
     torch.manual_seed(0)
-    src = train.netmod.build()
-    sd = src.state_dict()
-    del sd["cert_w"]  # a checkpoint written before the calibration existed still loads
-    torch.save({"model": sd, "step": 0}, tmp_path / "pre.pt")
+    src = SomaNet()
+    save_checkpoint(tmp_path / "pre.pt", src, step=0)
     cfg = train.FitConfig(steps=3, batch_size=1, crop=96, lr=0.2, threads=1, device="cpu", val_chip=96,
                           val_pairs=1, val_every=3, init=str(tmp_path / "pre.pt"), only="certainty")
     res = train.fit(cache, tmp_path / "run", cfg)
@@ -188,7 +196,7 @@ def test_fit_only_certainty_changes_nothing_but_the_calibration(tmp_path):
     ref = src.state_dict()
     moved = [n for n in ref if not torch.equal(got[n], ref[n])]
     assert moved == ["cert_w"], moved
-    trained = train.load_model_checkpoint(tmp_path / "run" / "model.pt")
+    trained = load_model_checkpoint(tmp_path / "run" / "model.pt")
     src.eval()
     img = np.load(cache)["train_opt"]
     x = torch.from_numpy(img[:1, :96, :96].astype(np.float32) / 100.0)[None]
@@ -204,22 +212,23 @@ def test_fit_only_certainty_changes_nothing_but_the_calibration(tmp_path):
 
 
 def test_certainty_calibration_follows_the_support():
-    """The calibration term is ``CERT_GAIN * (w . supports) + bias``: zero at initialisation (the
+    """The calibration term is ``cert_gain * (w . supports) + bias``: zero at initialisation (the
     heads' logit alone), and with positive weights, higher where the consensus support is higher."""
-    net = train.netmod.build()
+    net = SomaNet()
     s = torch.linspace(0.0, 0.5, 11).view(1, 1, 1, 11)
     assert torch.equal(net.certainty_calibration(s, s, s), torch.zeros_like(s))
     with torch.no_grad():
         net.cert_w.copy_(torch.tensor([1.0, 2.0, 3.0, -1.0]))
     z = net.certainty_calibration(s, 2 * s, s)
-    assert torch.allclose(z, train.netmod.CERT_GAIN * (1.0 * s + 4.0 * s + 3.0 * s) - 1.0)
+    assert torch.allclose(z, net.config.cert_gain * (1.0 * s + 4.0 * s + 3.0 * s) - 1.0)
     assert bool((z.diff(dim=-1) > 0).all())
 
 
-def test_consistency_loss_and_relative_rmse():
+def test_consistency_loss_follows_the_relative_metric():
     """The self-consistency loss is ~0 when the deformed-pair flow is the undeformed-pair flow
     followed by the deformation, whatever that undeformed flow is (the pair's own residual), and
-    grows with a violation; relative_rmse measures the same per chip."""
+    grows with a violation; its target is the expected flow of the relative metric of
+    :mod:`soma_cli.metrics` (soma evaluate's)."""
     from soma_cli.model import geometry
 
     h = w = 64
@@ -228,13 +237,47 @@ def test_consistency_loss_and_relative_rmse():
     f0 = torch.stack([torch.full((1, h, w), 2.0), 0.02 * (g[:, 0] - 32)], 1)  # a residual of its own
     valid = torch.ones(1, 1, h, w)
     f1 = f0 + geometry.warp(gt, f0)
-    assert float(train.consistency_loss(f0, f1, gt, valid)) < 0.11  # Charbonnier floor eps = 0.1
-    assert float(train.relative_rmse(f0, f1, gt, valid)[0]) < 1e-4
+    assert float(losses.consistency_loss(f0, f1, gt, valid)) < 0.11  # Charbonnier floor eps = 0.1
     bad = f1 + torch.tensor([0.0, 3.0]).view(1, 2, 1, 1)
-    assert float(train.consistency_loss(f0, bad, gt, valid)) > 2.9
-    assert abs(float(train.relative_rmse(f0, bad, gt, valid)[0]) - 3.0) < 1e-3
+    assert float(losses.consistency_loss(f0, bad, gt, valid)) > 2.9
+    expected, mask = losses.consistency_target(f0, gt, valid)
+    err, defined = metrics.relative_error(f0[0].numpy(), bad[0].numpy(), gt[0].numpy())
+    assert np.array_equal(defined, mask[0, 0].numpy() > 0.5)
+    np.testing.assert_allclose(err[:, defined], (bad - expected)[0].numpy()[:, defined], atol=1e-4)
     # "absolute" agreement with gt alone is not consistency when f0 is not zero
-    assert float(train.relative_rmse(f0, gt, gt, valid)[0]) > 1.5
+    assert float(losses.consistency_loss(f0, gt, gt, valid)) > 1.5
+
+
+def test_validation_scores_chips_as_soma_evaluate_does(tmp_path):
+    """Validation uses soma evaluate's metrics: a network that always answers zero flow with
+    certainty 0.8 scores, per chip, the RMSE of the ground truth over evaluate's mask (match inside
+    the chip, optical valid), relatively the same error with the deformation read at the pixel
+    itself, and its certainty covers every pixel, right where the zero flow is within 1 px."""
+    cache = data.load_cache(_tiny_cache(tmp_path, seed=3, size=96))
+    chips = data.val_chips(cache, 96, seed=1)
+
+    class Zero(torch.nn.Module):
+        def forward(self, opt, sar, vo, vs):
+            b, _, h, w = opt.shape
+            return torch.zeros(b, 2, h, w), torch.full((b, 1, h, w), 0.8)
+
+    res = loop.validate(Zero(), chips, torch.device("cpu"))
+    rmse = []
+    for c in chips:
+        gt = c["gt"]
+        h, w = gt.shape[-2:]
+        yy, xx = np.mgrid[0:h, 0:w]
+        inside = (xx + gt[0] >= 0) & (xx + gt[0] <= w - 1) & (yy + gt[1] >= 0) & (yy + gt[1] <= h - 1)
+        rmse.append(np.sqrt(np.mean((gt[0] ** 2 + gt[1] ** 2)[inside])))
+    assert res["n"] == len(chips) == 2
+    assert res["rmse_median"] == pytest.approx(np.median(rmse), rel=1e-6)
+    assert res["rel_rmse_median"] == pytest.approx(res["rmse_median"], rel=1e-6)
+    assert res["cmr5"] == float(np.mean(np.array(rmse) < 5))
+    assert res["cert_coverage"] == 1.0 and np.isnan(res["uncertain_within_1px"])
+    p = res["cert_precision"]  # every pixel is "sure": the share of them within 1 px
+    assert 0.0 < p < 1.0 and res["cert_bce"] == pytest.approx(-p * np.log(0.8) - (1 - p) * np.log(0.2), rel=1e-5)
+    assert set(res["by_protocol"]) == {"paper", "geo"}
+    assert res["by_protocol"]["paper"]["n"] == 1
 
 
 def test_make_sample_carries_the_undeformed_sar():
@@ -245,7 +288,7 @@ def test_make_sample_carries_the_undeformed_sar():
 
     img = (ndimage.gaussian_filter(rng.standard_normal((96, 96)), 2) * 60 + 120).clip(1, 255).astype(np.uint8)
     d = synth.draw(np.random.default_rng(1), 96, 96, synth.DeformParams(trans_px=10.0))
-    s = train.make_sample(img, img, np.ones((96, 96), bool), d, np.random.default_rng(2))
+    s = data.make_sample(img, img, np.ones((96, 96), bool), d, np.random.default_rng(2))
     assert s["sar0"].shape == s["sar"].shape == (1, 96, 96) and s["sar0_valid"].all()
     # gt: optical (= undeformed SAR) pixel q matches the deformed SAR at q + gt(q), with the same
     # speckle: sampling the deformed SAR there gives the undeformed one back (interior)

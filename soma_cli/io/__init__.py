@@ -1,4 +1,4 @@
-"""Raster input/output (rasterio only)."""
+"""Raster input/output (rasterio only) and the tie point GeoPackage (:mod:`.tiepoints`, pyogrio only)."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from rasterio.warp import calculate_default_transform, reproject, transform_boun
 from rasterio.windows import Window, from_bounds
 from rasterio.windows import transform as window_transform
 
-from ..errors import BandError, GeoreferenceError, InputError
+from ..errors import BandError, GeoreferenceError, InputError, SomaWarning
 from . import open_quietly, resampling as rasterio_resampling
 from ..preprocess import resolve_bands
 from ..tiling import Tile
@@ -290,6 +291,9 @@ def open_pair(
         check_readable(opt, "optical")
         if not 1 <= sar_band <= sar.count:
             raise BandError(f"SAR band {sar_band} out of range: the SAR raster has {sar.count} band(s)")
+        if sar.count >= 3:
+            warnings.warn(SomaWarning(f"the SAR raster {Path(sar_path).name} has {sar.count} bands, like an optical "
+                                      f"image; using band {sar_band} (SAR and optical swapped?)"), stacklevel=2)
         optical_bands = resolve_bands(opt.count, bands)
         ref, mov = (opt, sar) if reference == "opt" else (sar, opt)
         plain = [(role, p) for role, ds, p in (("SAR", sar, sar_path), ("optical", opt, opt_path))

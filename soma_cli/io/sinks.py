@@ -1,5 +1,6 @@
 """Where ``soma register``'s rows go (rasterio only): the aligned image, the displacement raster,
-the scratch copy of the flow, and the affine mode's re-georeferenced copy.
+the scratch copy of the flow, and the moving raster's pixels unchanged under new georeferencing
+(the affine mode's corrected geotransform, the GCP mode's ground control points).
 
 :class:`ImageSink` and :class:`FlowSink` are context managers over :func:`~soma_cli.io.write.atomic_raster`
 (a tiled, compressed GeoTIFF, a COG on request, renamed into place only when complete) on the
@@ -15,10 +16,13 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 from affine import Affine
+from rasterio.control import GroundControlPoint
+from rasterio.warp import transform as warp_transform
 from rasterio.windows import Window
 
 from .. import coords
 from ..stitch import Strip
+from ..tiepoints import TiePoints
 from .pair import AlignedPair
 from .write import atomic_raster, scratch_raster
 
@@ -180,6 +184,20 @@ class FlowScratch:
             yield Strip(a, data[:2], np.nan_to_num(data[2]), np.isfinite(data).all(0))
 
 
+def _copy_moving(pair: AlignedPair, dest: Path, profile: dict, cog: bool, tags: Optional[dict], gcps=None) -> None:
+    """The moving raster's pixels (and internal mask) unchanged into ``dest`` with ``profile``'s
+    georeferencing, or with the ground control points ``gcps`` (``(gcps, crs)``)."""
+    mov = pair.mov_src
+    _, use_mask = _moving_nodata(pair)
+    with atomic_raster(dest, profile, cog=cog, tags=tags) as dst:
+        if gcps is not None:
+            dst.gcps = gcps
+        for _, window in mov.block_windows(1):
+            dst.write(mov.read(window=window), window=window)
+            if use_mask:
+                dst.write_mask(mov.read_masks(1, window=window), window=window)
+
+
 def write_relocated(pair: AlignedPair, dest: Path, affine: np.ndarray, cog: bool = False,
                     tags: Optional[dict] = None) -> Affine:
     """Affine mode with rasters of one CRS: the moving raster's pixels unchanged under the
@@ -187,12 +205,30 @@ def write_relocated(pair: AlignedPair, dest: Path, affine: np.ndarray, cog: bool
     (:func:`~soma_cli.coords.corrected_transform`); returns that geotransform."""
     mov = pair.mov_src
     transform = coords.corrected_transform(pair.ref.transform, affine, mov.transform)
-    _, use_mask = _moving_nodata(pair)
     prof = dict(mov.profile)
     prof.update(transform=transform)
-    with atomic_raster(dest, prof, cog=cog, tags=tags) as dst:
-        for _, window in mov.block_windows(1):
-            dst.write(mov.read(window=window), window=window)
-            if use_mask:
-                dst.write_mask(mov.read_masks(1, window=window), window=window)
+    _copy_moving(pair, dest, prof, cog, tags)
     return transform
+
+
+def write_with_gcps(pair: AlignedPair, dest: Path, points: TiePoints, cog: bool = False,
+                    tags: Optional[dict] = None) -> int:
+    """GCP mode: the moving raster's pixels unchanged, georeferenced by one ground control point
+    per tie point of ``points`` (returns their number), so that a thin-plate-spline warp
+    (``gdalwarp -tps``) puts them on the reference.
+
+    Tie point ``(col, row)`` matches the moving image on the reference grid at
+    ``(col + dx_px, row + dy_px)``, whose map position is ``(x + dx_map, y + dy_map)``; that point's
+    pixel in the moving raster's own grid (through its CRS and geotransform) gets the map
+    position of the reference pixel centre, ``(x, y)``, in the reference CRS.  The moving raster
+    needs a CRS and a geotransform."""
+    mov, ref = pair.mov_src, pair.ref
+    mx, my = points.x + points.dx_map, points.y + points.dy_map
+    if mov.crs != ref.crs:
+        mx, my = (np.asarray(v) for v in warp_transform(ref.crs, mov.crs, mx, my))
+    pixel, line = coords.map_to_image(mov.transform, mx, my)
+    gcps = [GroundControlPoint(row=float(r), col=float(c), x=float(x), y=float(y), id=str(int(i)))
+            for i, c, r, x, y in zip(points.id, pixel, line, points.x, points.y)]
+    prof = {k: v for k, v in mov.profile.items() if k not in ("crs", "transform")}
+    _copy_moving(pair, dest, prof, cog, tags, gcps=(gcps, ref.crs))
+    return len(gcps)

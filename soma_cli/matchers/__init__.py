@@ -26,7 +26,6 @@ probability of being within 1 px):
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Protocol, Tuple
 
 import numpy as np
@@ -79,21 +78,13 @@ MATCHERS = ("soma", "gradient", "identity", "gefolki")
 OPTIONS = ("weights", "device", "batch_size", "threads")
 
 
-def default_threads() -> int:
-    """CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
-
-
 def get_matcher(name: str, **options) -> Matcher:
     """Build a matcher by name.
 
     Options (:data:`OPTIONS`): ``weights`` and ``device`` (the network), ``batch_size`` (tiles per
     network call), ``threads`` (CPU threads: torch's for the network, set process-wide; tiles
-    matched concurrently for ``gradient``).  ``threads=None`` keeps torch's own setting and gives
-    ``gradient`` every core this process may use.  An option name not in :data:`OPTIONS` is a
+    matched concurrently for ``gradient``).  ``threads=None`` follows the cores other processes
+    leave free, re-read before every batch (:class:`soma_cli.cpu.CpuShare`).  An option name not in :data:`OPTIONS` is a
     :class:`~soma_cli.errors.ConfigError`.
     """
     from ..errors import ConfigError
@@ -107,16 +98,12 @@ def get_matcher(name: str, **options) -> Matcher:
     if name == "gradient":
         from .gradient import GradientMatcher
 
-        return GradientMatcher(threads=threads or default_threads())
+        return GradientMatcher(threads=threads)
     if name == "soma":
         from .soma import SomaMatcher
 
-        if threads:
-            import torch
-
-            torch.set_num_threads(int(threads))
         return SomaMatcher(weights=options.get("weights"), device=options.get("device") or "auto",
-                           batch_size=options.get("batch_size") or 4)
+                           batch_size=options.get("batch_size") or 4, threads=threads)
     if name == "gefolki":
         from .gefolki import GefolkiMatcher
 

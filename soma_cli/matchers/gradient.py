@@ -36,6 +36,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 
 from .. import coords
+from ..cpu import CpuShare
 
 _TINY = 1e-9
 
@@ -384,7 +385,7 @@ class GradientMatcher:
         local_win: int = 64,
         local_stride: int = 32,
         local_radius: int = 8,
-        threads: int = 1,
+        threads: Optional[int] = None,
     ) -> None:
         self.n_orient = int(n_orient)
         self.sigma = float(sigma)
@@ -398,7 +399,8 @@ class GradientMatcher:
         self.local_win = int(local_win)
         self.local_stride = int(local_stride)
         self.local_radius = int(local_radius)
-        self.threads = max(1, int(threads))  # tiles of a batch matched concurrently (numpy/scipy release the GIL)
+        # tiles of a batch matched concurrently (numpy/scipy release the GIL); None: the free cores
+        self.cpu = CpuShare(threads)
 
     # -- public contract
     def match(self, opt, sar, opt_valid=None, sar_valid=None):
@@ -420,10 +422,11 @@ class GradientMatcher:
             flows[i], certs[i] = self._match_one(opt[i], sar[i], ov[i] & np.isfinite(opt[i]),
                                                  sv[i] & np.isfinite(sar[i]))
 
-        if self.threads > 1 and b > 1:
+        threads = self.cpu.threads() if b > 1 else 1
+        if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(min(self.threads, b)) as pool:
+            with ThreadPoolExecutor(min(threads, b)) as pool:
                 list(pool.map(one, range(b)))
         else:
             for i in range(b):

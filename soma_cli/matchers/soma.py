@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from .. import infer
+from ..cpu import CpuShare
 from ..model.loader import load_weights
 
 
@@ -13,9 +14,8 @@ class SomaMatcher:
     """Matcher contract of :mod:`soma_cli.matchers` backed by the shipped (or given) weights."""
 
     name = "soma"
-    # the certainty is calibrated (0.7.0: the probability of being within 1 px), so a pixel more
-    # than 5 px off the scene prior is only kept when it is 90 % sure; at the old 0.5 the whole-scene
-    # benchmark kept failed steep-terrain areas (model card, "What changed in 0.7.0")
+    # the certainty is calibrated (the probability of being within 1 px), so a pixel more than 5 px
+    # off the scene prior is only kept when it is 90 % sure
     trust_certainty = 0.9
     # evidence from 0.7: on T11SMT 95 % of such pixels were within 1 px, and unrelated content,
     # which gets 0.4-0.6 almost everywhere, reached it on at most 7 % (soma_cli.verdict)
@@ -24,14 +24,20 @@ class SomaMatcher:
     # certainty was 0 everywhere and the flow off by 15 px, at 96 px the edge similarity fell
     min_size = 128
 
-    def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4):
+    def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4,
+                 threads: Optional[int] = None):
         self.device = infer.resolve_device(device or "auto")
         if self.device.type == "cpu":
             infer.tune_cpu_allocator()
         self.model, self.metadata = load_weights(weights, device=str(self.device))
         self.batch_size = batch_size
-        self.multiple = int(self.metadata.get("tile_multiple", infer.TILE_MULTIPLE))
+        self.multiple = int(self.metadata["tile_multiple"])
+        self.cpu = CpuShare(threads)
+        if self.cpu.pinned:
+            infer.set_threads(self.cpu.pinned)
 
     def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        if self.device.type == "cpu" and not self.cpu.pinned:
+            infer.set_threads(self.cpu.threads())
         return infer.run_model(self.model, opt, sar, opt_valid, sar_valid, batch_size=self.batch_size,
                                device=self.device, multiple=self.multiple)

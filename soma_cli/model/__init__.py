@@ -1,1 +1,2 @@
-"""Torch side of SOMA: the network, the TorchScript loader and export (no rasterio)."""
+"""Torch side of SOMA (no rasterio): the network (:mod:`.net`, built from :mod:`.config`), training
+checkpoints (:mod:`.checkpoint`), the TorchScript export (:mod:`.export`) and loader (:mod:`.loader`)."""

@@ -5,8 +5,6 @@ conventions.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -84,14 +82,6 @@ def upsample_flow(flow: torch.Tensor, factor: int) -> torch.Tensor:
     return up * float(factor)
 
 
-def resize_flow(flow: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Resample a flow to an ``h x w`` grid covering the same extent, rescaling each component."""
-    sy = float(h) / float(flow.shape[-2])
-    sx = float(w) / float(flow.shape[-1])
-    up = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
-    return torch.cat([up[:, 0:1] * sx, up[:, 1:2] * sy], 1)
-
-
 def downsample_flow(flow: torch.Tensor, factor: int) -> torch.Tensor:
     """Full flow -> stride-``factor`` level flow (block average, divided by ``factor``)."""
     return F.avg_pool2d(flow, factor) / float(factor)
@@ -150,50 +140,38 @@ def identity_affine(b: int, device: torch.device, dtype: torch.dtype) -> torch.T
     return eye
 
 
-def _weighted_centring(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The weighted fits' common start: (weights ``(B, N)`` clamped, their sums ``(B, 1)``, the
-    weighted centroids ``(B, 1, 2)`` of points and targets, the centred points and targets)."""
-    w = weights.clamp(min=0.0) + 1e-8
-    wsum = w.sum(1, keepdim=True)
-    cp = (points * w.unsqueeze(-1)).sum(1, keepdim=True) / wsum.unsqueeze(-1)
-    ct = (targets * w.unsqueeze(-1)).sum(1, keepdim=True) / wsum.unsqueeze(-1)
-    return w, wsum, cp, ct, points - cp, targets - ct
-
-
-def _affine_from_centred(lin: torch.Tensor, cp: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
-    """``(B, 2, 3)`` affine with linear part ``lin (B, 2, 2)`` that maps the centroid ``cp`` to ``ct``."""
-    trans = ct.squeeze(1) - torch.bmm(lin, cp.transpose(1, 2)).squeeze(-1)
-    return torch.cat([lin, trans.unsqueeze(-1)], -1)
-
-
 def fit_affine(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted least-squares affine from ``points (B, N, 2)`` to ``targets (B, N, 2)``.
 
     ``weights (B, N)`` >= 0.  Returns ``(B, 2, 3)``.  Points are centred for conditioning and a small
     ridge pulls the linear part towards the identity, so degenerate weights give a translation.
     """
-    w, wsum, cp, ct, p, t = _weighted_centring(points, targets, weights)
+    w = weights.clamp(min=0.0) + 1e-8
+    wsum = w.sum(1, keepdim=True)
+    cp = (points * w.unsqueeze(-1)).sum(1, keepdim=True) / wsum.unsqueeze(-1)
+    ct = (targets * w.unsqueeze(-1)).sum(1, keepdim=True) / wsum.unsqueeze(-1)
+    p = points - cp
+    t = targets - ct
     pw = p * w.unsqueeze(-1)
     cov = torch.bmm(pw.transpose(1, 2), p)  # (B, 2, 2)
     cross = torch.bmm(pw.transpose(1, 2), t)  # (B, 2, 2)
     ridge = 1e-3 * wsum.view(-1, 1, 1) * torch.eye(2, device=points.device, dtype=points.dtype).unsqueeze(0)
-    lin_t = torch.linalg.solve(cov + ridge, cross + ridge)  # (B, 2, 2) = lin^T
-    lin = lin_t.transpose(1, 2)
-    return _affine_from_centred(lin, cp, ct)
+    lin = torch.linalg.solve(cov + ridge, cross + ridge).transpose(1, 2)  # solve gives lin^T
+    trans = ct.squeeze(1) - torch.bmm(lin, cp.transpose(1, 2)).squeeze(-1)
+    return torch.cat([lin, trans.unsqueeze(-1)], -1)
 
 
-def fit_similarity(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted least-squares similarity (rotation, isotropic scale, translation) from ``points
-    (B, N, 2)`` to ``targets (B, N, 2)``, as a ``(B, 2, 3)`` affine ``[[a, -b, tx], [b, a, ty]]``.
+def robust_fit_affine(points: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, cauchy: float,
+                      iterations: int) -> torch.Tensor:
+    """:func:`fit_affine`, then ``iterations`` rounds of Cauchy re-weighting (scale ``cauchy`` px)."""
+    a = fit_affine(points, targets, weights)
+    for _ in range(iterations):
+        res2 = ((affine_points(a, points) - targets) ** 2).sum(-1)
+        a = fit_affine(points, targets, weights / (1.0 + res2 / (cauchy * cauchy)))
+    return a
 
-    ``weights (B, N)`` >= 0.  The same centring and ridge towards the identity as :func:`fit_affine`,
-    with 4 parameters instead of 6: no shear and no anisotropic scale.
-    """
-    w, wsum, cp, ct, p, t = _weighted_centring(points, targets, weights)
-    ridge = 2e-3 * wsum.squeeze(1)
-    den = (w * (p ** 2).sum(-1)).sum(1) + ridge
-    a = ((w * (p * t).sum(-1)).sum(1) + ridge) / den
-    b = (w * (p[..., 0] * t[..., 1] - p[..., 1] * t[..., 0])).sum(1) / den
-    lin = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], 1)  # (B, 2, 2)
-    return _affine_from_centred(lin, cp, ct)
+
+def grid_points(b: int, h: int, w: int, device: torch.device, dtype: torch.dtype, step: int = 1) -> torch.Tensor:
+    """``(b, N, 2)`` pixel-centre coordinates (x, y) of an ``h x w`` grid, at the positions of
+    :func:`subsample` (all ``h*w`` of them when ``step`` is 1)."""
+    return subsample(base_grid(b, h, w, device, dtype), step).flatten(2).transpose(1, 2)

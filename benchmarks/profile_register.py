@@ -1,0 +1,59 @@
+"""Where the time of one `soma register` goes: a per-stage breakdown from cProfile.
+
+    python benchmarks/profile_register.py SAR OPT [--method soma] [--threads 1] [--qa]
+
+Runs the library's register() once under cProfile (the CLI runs it in a worker thread, which
+cProfile does not follow) and prints the cumulative seconds of each stage's entry point. Stages
+nest only where stated, so the rows add up to about the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+from soma_cli.pipeline import RegisterOptions, register
+
+#: stage -> (module file suffix, function name) of its entry points
+STAGES = {
+    "read and align tiles (VRT/warp onto the reference grid)": [("io/pair.py", "read_tile")],
+    "preprocess": [("preprocess.py", "prepare")],
+    "match (matcher.match)": [("matchers/soma.py", "match"), ("matchers/gradient.py", "match")],
+    "stitch": [("stitch.py", "add"), ("stitch.py", "flush"), ("stitch.py", "finish")],
+    "scratch write/read-back": [("io/sinks.py", "write"), ("io/sinks.py", "read")],
+    "repair": [("stitch.py", "repair")],
+    "final warp (reads the moving image)": [("warp.py", "__call__")],
+    "QA": [("pipeline.py", "_write_qa")],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sar", type=Path)
+    ap.add_argument("opt", type=Path)
+    ap.add_argument("--method", default="soma")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--qa", action="store_true")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        opts = RegisterOptions(sar=a.sar, opt=a.opt, out=t / "a.tif", flow_out=t / "f.tif", method=a.method,
+                               threads=a.threads, qa_out=t / "qa" if a.qa else None)
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.runcall(register, opts)
+        total = time.perf_counter() - t0
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    print(f"{'stage':58s} {'s':>8s} {'share':>6s}")
+    for stage, points in STAGES.items():
+        ct = sum(v[3] for (f, _, n), v in stats.items() for suf, name in points if f.endswith(suf) and n == name)
+        print(f"{stage:58s} {ct:8.2f} {100 * ct / total:5.1f}%")
+    print(f"{'total (register)':58s} {total:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
