@@ -7,7 +7,7 @@ A pixel has evidence when the matcher's certainty there reaches the matcher's
 ``evidence_certainty`` (:func:`soma_cli.matchers.evidence_certainty`).  The level is measured, not
 assumed: it is where, on the training tile T11SMT (``soma evaluate``'s 512 px chips under the geo
 and paper deformations), the pixels at or above it were within 1 px of the self-consistent flow
-in about nine cases out of ten, while the optical chip matched against the SAR of *another* pair
+in more than nine cases out of ten, while the optical chip matched against the SAR of *another* pair
 (unrelated content) reached it on at most 7 % of its pixels.
 
 * ``soma``: the network's certainty is calibrated as the probability of an error under 1 px, and
@@ -15,7 +15,7 @@ in about nine cases out of ten, while the optical chip matched against the SAR o
   however, gets 0.4-0.6 almost everywhere (12-40 % of such a chip above 0.5), so the level is 0.7
   (95 % of the pixels above it within 1 px; unrelated chips at most 7 % above it).
 * ``gradient``: its certainty is the window quality (peak height times its margin over the second
-  peak times the valid share), conservative as a probability: 0.1 (90 % within 1 px; unrelated
+  peak times the valid share), conservative as a probability: 0.1 (93 % within 1 px; unrelated
   chips at most 6 % above it).
 * matchers without a measured level (``identity``, ``gefolki``: certainty 1) use 0.5; their
   verdict rests on the edge similarity.
@@ -64,10 +64,12 @@ COVERAGE_FAILED = TILE_EVIDENCE
 #: a scene with less coverage is doubtful: on T11SMT every chip of the network under it was
 #: wrong by more than 3 px, and the gradient matcher's chips under it by more than 1 px
 COVERAGE_DOUBTFUL = 0.25
-#: edge similarity may fall by this much (noise of the score on an aligned pair) before the
-#: result counts as worse than the input
+#: edge similarity may fall by this much before the result counts as worse than the input: a
+#: margin for the score's noise (on T11SMT every correct chip gained at least 0.017)
 SIMILARITY_DROP = 0.01
-#: more repaired pixels than this: the flow is mostly the smooth prior, not the matcher's own
+#: more repaired pixels than this: the flow is mostly the smooth prior, not the matcher's own (on
+#: T11SMT the gradient matcher repaired 14-69 % of correct chips and 58-82 % of wrong ones; the
+#: network, none)
 REPAIRED_DOUBTFUL = 0.6
 
 STATUSES = ("ok", "doubtful", "failed")
