@@ -190,8 +190,9 @@ def batch_cmd(
     failed (now or before).
     """
     from . import batch as batch_lib
+    from .batch_pairs import collect_pairs
 
-    pairs = batch_lib.collect_pairs(manifest, sar_glob, opt_glob, key_regex)
+    pairs = collect_pairs(manifest, sar_glob, opt_glob, key_regex)
     options = dict(reference=reference, method=method, mode=mode, tile_size=tile_size, overlap=overlap,
                    batch_size=batch_size, device=device, bands=parse_bands(bands), sar_scale=sar_scale,
                    weights=weights, strict=strict)
