@@ -15,8 +15,8 @@ Two entry points, both numpy + matplotlib (Agg backend, no display needed):
 The pictures (:mod:`soma_cli.qa_figures`) read in reference pixels (axes, colour bars,
 histogram): ``alignment.png`` shows the optical image's edges over the SAR image before and after
 on a full-resolution crop of that region (where a misalignment of a pixel or two is visible); the
-overview pictures (checkerboards, flow,
-certainty) outline that crop; the histogram says how many values lie beyond its range.
+overview pictures (checkerboards, flow, certainty) outline that crop; the histogram says how many
+values lie beyond its range.
 
 Outlier tiles (``outlier`` column of ``tiles.csv``; decided in :func:`write_products`, where the
 scene median is known). A tile with scores is an outlier when either
