@@ -273,8 +273,7 @@ def train_cmd(
     from . import train as tr
     from .errors import ConfigError
 
-    if crop % 32:
-        raise ConfigError("--crop must be a multiple of 32")
+    tr.check_crop(crop)
     tr.check_only(only)
     out.mkdir(parents=True, exist_ok=True)
     if data.is_file() and data.suffix == ".npz":
