@@ -27,7 +27,7 @@ STAGES = {
     "scratch write/read-back": [("io/sinks.py", "write"), ("io/sinks.py", "read")],
     "repair": [("stitch.py", "repair")],
     "final warp (reads the moving image)": [("warp.py", "__call__")],
-    "QA": [("pipeline.py", "_write_qa")],
+    "QA": [("register_qa.py", "write_qa")],
 }
 
 

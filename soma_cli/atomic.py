@@ -27,6 +27,14 @@ def temp_path(path: Path, suffix: str = "") -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}"
 
 
+def discard_own_temps(folders) -> None:
+    """Delete this process's temporary files (:func:`temp_path` names them ``.NAME.PID.HEX.tmp...``)
+    in ``folders``."""
+    for folder in folders:
+        for tmp in Path(folder).glob(f".*.{os.getpid()}.*.tmp*"):
+            tmp.unlink(missing_ok=True)
+
+
 def discard(path: Path) -> None:
     """Delete a temporary file if it is there (cleanup: a failure to delete is not an error)."""
     try:

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import warnings
 from pathlib import Path
-from typing import Annotated, Callable, Optional, Sequence, TypeVar
+from typing import Annotated, Optional, Sequence
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import SomaError, SomaWarning
+from .console import ProgressBar, err_console, print_batch_table, print_register_summary, warning_printer
+from .errors import SomaError
+from .interrupt import run_interruptibly, worker_running
 from .preprocess import parse_bands
 
 app = typer.Typer(
@@ -33,13 +34,10 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-err_console = Console(stderr=True)
 
 #: the ClickException of the click that Typer runs on: newer Typers bundle their own copy, so the
 #: ``click`` package may be another one; typer.BadParameter derives from it in every version
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
-T = TypeVar("T")
 
 
 def _examples(*commands: str) -> str:
@@ -60,98 +58,6 @@ def _root(
     ] = None,
 ):
     """SOMA: sub-pixel co-registration of SAR and optical satellite images."""
-
-
-# ---- shared helpers -------------------------------------------------------------------------------
-
-
-class _Progress:
-    """A Rich progress bar driven by the library's ``progress(done, total[, info])`` callback
-    (:meth:`update`). It appears on the first tick, so an early error prints alone; ``describe``
-    turns the callback's ``info`` into the text after the bar."""
-
-    def __init__(self, quiet: bool, label: str, describe: Optional[Callable[[dict], str]] = None):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
-
-        self.describe = describe
-        self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=err_console,
-                            disable=quiet)
-        self.task = self.bar.add_task(label, total=None, info="")
-        self.started = False
-
-    def update(self, done: int, total: int, info: Optional[dict] = None) -> None:
-        if not self.started:
-            self.bar.start()
-            self.started = True
-        text = self.describe(info or {}) if self.describe else ""
-        self.bar.update(self.task, completed=done, total=total, info=text)
-
-    def __enter__(self) -> "_Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.started:
-            self.bar.stop()
-            self.started = False
-
-
-#: the name of the thread :func:`_run_interruptibly` runs library calls in
-_WORKER = "soma-work"
-#: how long an interrupted library call gets to stop at its next progress report
-_GRACE_S = 1.0
-
-
-def _run_interruptibly(call: Callable[[Callable], T], progress: Callable, outputs: Sequence[Optional[Path]] = ()) -> T:
-    """``call(progress)`` in a worker thread while this (main) thread only waits, so that Ctrl-C is
-    handled at once: Python runs signal handlers between bytecodes of the main thread, and the
-    network's TorchScript forward is one native call of seconds that releases the GIL.
-
-    On Ctrl-C the call is stopped at its next progress report (a KeyboardInterrupt raised there, so
-    its own cleanup runs) if that comes within ``_GRACE_S``; otherwise it is abandoned inside the
-    native call, the temporary files of this process beside ``outputs`` are removed here, and
-    :func:`main` exits without waiting for it. The KeyboardInterrupt is raised again either way."""
-    stop, done = threading.Event(), threading.Event()
-    box: dict = {}
-
-    def report(*args) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        progress(*args)
-
-    def work() -> None:
-        try:
-            box["result"] = call(report)
-        except BaseException as exc:  # handed to the main thread
-            box["error"] = exc
-        finally:
-            done.set()
-
-    # waits on an Event, not Thread.join: Python 3.11 marks a thread whose join() Ctrl-C interrupted
-    # as stopped while it still runs
-    threading.Thread(target=work, name=_WORKER, daemon=True).start()
-    try:
-        while not done.wait(0.1):
-            pass
-    except KeyboardInterrupt:
-        stop.set()
-        if not done.wait(_GRACE_S):
-            _remove_own_temp_files(outputs)
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
-def _remove_own_temp_files(outputs: Sequence[Optional[Path]]) -> None:
-    """Delete this process's hidden temporary files in the folders of ``outputs`` (a folder output
-    counts itself); the atomic writers name them ``.NAME.<pid>.<random>.tmp...``."""
-    pattern = f".*.{os.getpid()}.*.tmp*"
-    folders = {Path(p) if Path(p).is_dir() else Path(p).parent for p in outputs if p is not None}
-    for folder in folders:
-        for tmp in folder.glob(pattern):
-            tmp.unlink(missing_ok=True)
 
 
 # ---- register -------------------------------------------------------------------------------------
@@ -223,54 +129,18 @@ def register(
         tiepoints_out=tiepoints_out, tiepoint_step=tiepoint_step, strict=strict, force=force,
     )
     failure = None
-    with _Progress(quiet or json_out, "tiles") as bar:
+    with ProgressBar(quiet or json_out, "tiles") as bar:
         try:
-            result = _run_interruptibly(lambda report: run_register(opts, progress=report), bar.update,
+            result = run_interruptibly(lambda report: run_register(opts, progress=report), bar.update,
                                         outputs=(out, flow_out, qa_out, tiepoints_out))
         except RegistrationFailed as exc:  # --strict: the summary first, then the one-line error (exit 3)
             result, failure = exc.result, exc
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
-        _print_register_summary(result)
+        print_register_summary(result)
     if failure is not None:
         raise failure
-
-
-_VERDICT_STYLE = {"ok": "green", "doubtful": "yellow", "failed": "bold red"}
-
-
-def _print_register_summary(result) -> None:
-    from rich.table import Table
-
-    t = Table(title="soma register", show_header=False, title_justify="left")
-    t.add_row("output", result.out)
-    if result.flow_out:
-        t.add_row("displacement", result.flow_out)
-    if result.qa_out:
-        t.add_row("QA", result.qa_out)
-    if result.tiepoints:
-        tp = result.tiepoints
-        gcps = f", {tp['gcps']} of them ground control points in the output" if tp["gcps"] is not None else ""
-        t.add_row("tie points", f"{result.tiepoints_out or 'not written'}: {tp['points']} points, "
-                                f"{tp['reliable']} reliable{gcps}")
-    t.add_row("method / mode", f"{result.method} / {result.mode} (reference: {result.reference})")
-    v = result.verdict
-    t.add_row("verdict", f"[{_VERDICT_STYLE[v['status']]}]{v['status']}[/]: {v['reason']}")
-    failures = f" ({v['tile_failures']} without evidence)" if v["tile_failures"] else ""
-    t.add_row("tiles", f"{result.tiles}{failures}")
-    t.add_row("evidence", f"certainty >= {result.evidence_certainty:g} on {100 * v['coverage']:.1f} % of the overlap; "
-              f"trusted tiles hold {100 * v['trusted_share']:.1f} %")
-    t.add_row("edge similarity", f"{v['similarity_before']:.3f} before, {v['similarity_after']:.3f} after")
-    t.add_row("median |flow|", f"{result.median_flow:.2f} px")
-    t.add_row("repaired", f"{100 * result.repaired_share:.1f} % of the pixels (low certainty or outliers)")
-    a = result.affine
-    t.add_row("global affine", f"[{a[0][0]:.4f} {a[0][1]:.4f} {a[0][2]:+.2f}; {a[1][0]:.4f} {a[1][1]:.4f} {a[1][2]:+.2f}]"
-              f"  (residual {result.affine_rmse:.2f} px)")
-    if result.output_transform:  # full precision: it is meant to be copied
-        t.add_row("new geotransform", ", ".join(repr(float(v)) for v in result.output_transform))
-    t.add_row("time", f"{result.seconds:.1f} s")
-    err_console.print(t)
 
 
 # ---- batch ----------------------------------------------------------------------------------------
@@ -320,12 +190,13 @@ def batch_cmd(
     failed (now or before).
     """
     from . import batch as batch_lib
+    from .batch_pairs import collect_pairs
 
-    pairs = batch_lib.collect_pairs(manifest, sar_glob, opt_glob, key_regex)
+    pairs = collect_pairs(manifest, sar_glob, opt_glob, key_regex)
     options = dict(reference=reference, method=method, mode=mode, tile_size=tile_size, overlap=overlap,
                    batch_size=batch_size, device=device, bands=parse_bands(bands), sar_scale=sar_scale,
                    weights=weights, strict=strict)
-    with _Progress(quiet, "pairs") as bar:
+    with ProgressBar(quiet, "pairs") as bar:
         result = batch_lib.run_batch(pairs, out_dir, options, workers=workers, scheduler=scheduler,
                                      retry_failed=retry_failed, overwrite=overwrite, progress=bar.update)
     page = None
@@ -334,34 +205,9 @@ def batch_cmd(
 
         page = render(out_dir)
     if not quiet:
-        _print_batch_table(result, page)
+        print_batch_table(result, page)
     if result.has_failures():
         raise typer.Exit(1)
-
-
-def _print_batch_table(result, page) -> None:
-    from rich.table import Table
-
-    def num(v, fmt="{:.2f}"):
-        return fmt.format(v) if isinstance(v, (int, float)) and v == v else ""
-
-    recs = sorted(result.records, key=lambda r: r["id"])
-    shown = recs if len(recs) <= 60 else [r for r in recs if r["status"] == "failed"][:60]
-    t = Table(title=f"soma batch: {result.out_dir}", title_justify="left")
-    for col in ("id", "status", "verdict", "s", "|flow| px", "evidence", "sim before", "sim after", "error / note"):
-        t.add_column(col, justify="left" if col in ("id", "status", "verdict", "error / note") else "right",
-                     overflow="fold" if col == "error / note" else "ellipsis")
-    style = {"ok": "green", "failed": "red", "skipped": "dim"}
-    for r in shown:
-        v = r.get("verdict") or {}
-        note = r.get("error") or r.get("reason") or (v.get("reason") if v.get("status") not in (None, "ok") else "")
-        t.add_row(escape(r["id"]), f"[{style.get(r['status'], '')}]{r['status']}[/]",
-                  f"[{_VERDICT_STYLE[v['status']]}]{v['status']}[/]" if v else "", num(r.get("seconds"), "{:.1f}"),
-                  num(r.get("median_flow")), num(r.get("certainty_coverage")), num(r.get("similarity_before"), "{:.3f}"),
-                  num(r.get("similarity_after"), "{:.3f}"), escape((note or "")[:200]))
-    if shown:
-        err_console.print(t)
-    err_console.print(result.summary() + (f"; report: {page}" if page else ""), highlight=False, markup=False)
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -427,8 +273,7 @@ def train_cmd(
     from . import train as tr
     from .errors import ConfigError
 
-    if crop % 32:
-        raise ConfigError("--crop must be a multiple of 32")
+    tr.check_crop(crop)
     tr.check_only(only)
     out.mkdir(parents=True, exist_ok=True)
     if data.is_file() and data.suffix == ".npz":
@@ -438,7 +283,7 @@ def train_cmd(
         if overwrite or not cache_path.exists():
             if not train_groups or not val_groups:
                 raise ConfigError("building a training cache needs --train-groups and --val-groups")
-            with _Progress(quiet, "prepare") as bar:
+            with ProgressBar(quiet, "prepare") as bar:
                 meta = tr.prepare(data, cache_path, [g for g in train_groups.split(",") if g],
                                   [g for g in val_groups.split(",") if g], clean=clean, clean_val=clean_val,
                                   overwrite=overwrite, progress=bar.update)
@@ -452,7 +297,7 @@ def train_cmd(
                        seed=seed, threads=threads, device=device, workers=workers, val_every=val_every,
                        val_chip=val_chip, init=str(init) if init else "", consistency=consistency,
                        absolute=absolute, only=only)
-    with _Progress(quiet, "train", describe=_train_info) as bar:
+    with ProgressBar(quiet, "train", describe=_train_info) as bar:
         res = tr.fit(cache_path, out, cfg, progress=bar.update)
     v = res["val"]
     best = (f"best certainty cross-entropy {-res['best_cmr1']:.3f}" if only == "certainty"
@@ -521,8 +366,8 @@ def evaluate_cmd(
     options = {"device": device, "batch_size": batch_size}
     if weights is not None:
         options["weights"] = weights
-    with _Progress(quiet, "chips") as bar:
-        result = _run_interruptibly(
+    with ProgressBar(quiet, "chips") as bar:
+        result = run_interruptibly(
             lambda report: ev.run(data_dir, protocol, method or ["soma", "gradient", "identity"], seed=seed,
                                   chip=chip, limit=limit, split=split, matcher_options=options, progress=report,
                                   batch=batch_size),
@@ -560,11 +405,11 @@ def main() -> None:
     for name in ("rasterio", "distributed"):  # library chatter would break the one-line errors
         logging.getLogger(name).addHandler(logging.NullHandler())
     with warnings.catch_warnings():
-        warnings.showwarning = _warning_printer(warnings.showwarning)
+        warnings.showwarning = warning_printer(warnings.showwarning)
         code = _run_app(sys.argv[1:] or ["--help"])
     if code == 130:
         err_console.print("[bold red]interrupted[/]")
-        if any(t.name == _WORKER for t in threading.enumerate()):
+        if worker_running():
             # a library call abandoned inside native code: the interpreter's shutdown would wait for
             # it or tear it down mid-call
             sys.stdout.flush()
@@ -592,18 +437,6 @@ def _run_app(args: Sequence[str]) -> int:
             err_console.print(f"{ctx.get_usage()}  (see {ctx.command_path} --help)", highlight=False, markup=False)
         return exc.exit_code
     return code if isinstance(code, int) else 0
-
-
-def _warning_printer(fallback):
-    """``warnings.showwarning`` that prints a SomaWarning as one yellow line (others as before)."""
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, SomaWarning):
-            err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
-        else:
-            fallback(message, category, filename, lineno, file, line)
-
-    return show
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ they are read back and repaired twice: first to measure the applied field (its o
 edge similarity it gives, for the verdict), then to warp and write it, or, when the verdict is
 failed, the moving image unmoved.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
 :mod:`~soma_cli.tiling`, :mod:`~soma_cli.matchers`, :mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`,
-:mod:`~soma_cli.io.sinks`, :mod:`~soma_cli.qa`, :mod:`~soma_cli.verdict`); this module only wires
+:mod:`~soma_cli.io.sinks`, :mod:`~soma_cli.register_qa`, :mod:`~soma_cli.verdict`); this module only wires
 them together.
 """
 
@@ -19,13 +19,12 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from . import __version__, coords, preprocess, qa, tiling
+from . import coords, preprocess, qa, register_qa, tiling
 from .errors import ConfigError, GeoreferenceError, InputError, OutputError, RegistrationFailed
 from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated, write_with_gcps
@@ -327,7 +326,8 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         # measure the field before writing it, so that a failed registration is never written
         log = measure(scene.strips(scratch) if scene.prior is not None else scene.unmoved(scratch))
         affine, stats = log.samples.fit() if scene.prior is not None else (_IDENTITY, _NO_FIT)
-        products = _overview_products(pair, sar_scale, log.overview, affine if opts.mode == "affine" else None)
+        products = register_qa.overview_products(pair, sar_scale, log.overview,
+                                                 affine if opts.mode == "affine" else None)
         verdict = judge(coverage(raw.arrays()[4], level), *qa.scene_similarity(products),
                         log.repaired / max(log.valid_px, 1),
                         # no trusted sample to fit: no tile counts as having evidence
@@ -339,7 +339,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                 verdict["reason"] += "; applied anyway (--force)"
             elif scene.prior is not None:  # what is written and shown: the moving image unmoved
                 log, affine, stats = measure(scene.unmoved(scratch)), _IDENTITY, _NO_FIT
-                products = _overview_products(pair, sar_scale, log.overview, None)
+                products = register_qa.overview_products(pair, sar_scale, log.overview, None)
         tiepoints = TiePointSampler(opts.tiepoint_step, area) if opts.tiepoints_out is not None or opts.mode == "gcps" \
             else None
         flow_sink = None
@@ -371,7 +371,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         repaired_share=verdict["repaired_share"],
         output_transform=list(out_transform)[:6] if out_transform is not None else None,
         sar_scale=sar_scale,
-        qa=_write_qa(opts, pair, matcher, sar_scale, log.overview, products, affine, tile_rows, verdict)
+        qa=register_qa.write_qa(opts, pair, matcher, sar_scale, log.overview, products, affine, tile_rows, verdict)
         if opts.qa_out is not None else None,
         tiepoints_out=str(opts.tiepoints_out) if opts.tiepoints_out else None, tiepoints=tie_summary,
         verdict=verdict,
@@ -401,80 +401,3 @@ def _write_affine(opts: RegisterOptions, pair: AlignedPair, affine: np.ndarray, 
             h = min(CHUNK, area.row + area.height - a)
             sink.write(*warper(coords.affine_to_flow_np(affine, h, area.width, col0=area.col, row0=a), a), a)
     return None
-
-
-def _run_meta(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher, sar_scale: str) -> dict:
-    """What the QA summary records of the run: inputs, outputs, method, versions, date, settings."""
-    weights = None
-    if opts.method == "soma":
-        from .model.loader import default_weights_path
-
-        meta = getattr(matcher, "metadata", {}) or {}
-        weights = {"file": Path(opts.weights or default_weights_path()).name, "sha256": meta.get("sha256"),
-                   "version": meta.get("version")}
-    return {
-        "inputs": {"sar": str(opts.sar), "opt": str(opts.opt)},
-        "outputs": {"image": str(opts.out), "flow": str(opts.flow_out) if opts.flow_out else None,
-                    "tiepoints": str(opts.tiepoints_out) if opts.tiepoints_out else None},
-        "method": opts.method, "mode": opts.mode, "reference": opts.reference,
-        "soma_version": __version__, "weights": weights,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {"tile_size": opts.tile_size, "overlap": opts.overlap, "bands": list(pair.optical_bands),
-                     "sar_band": opts.sar_band, "sar_scale": opts.sar_scale, "sar_scale_used": sar_scale,
-                     "resampling": opts.resampling, "repair": opts.repair, "device": opts.device},
-    }
-
-
-def _qa_crop(opts: RegisterOptions, pair: AlignedPair, sar_scale: str, overview: qa.FlowOverview,
-             affine: np.ndarray) -> dict:
-    """The overview's full-resolution region for the QA alignment picture: reference, moving before
-    and after the flow that was applied (read with a margin the flow can reach, prepared as the
-    matcher saw them), that flow and the certainty."""
-    area, (r, c, h, w) = pair.area, overview.region
-    flow, cert = overview.region_arrays()
-    if opts.mode == "affine":
-        yy, xx = np.mgrid[area.row + r:area.row + r + h, area.col + c:area.col + c + w]
-        flow = np.stack(coords.affine_flow_points_np(affine, xx, yy)).astype(np.float32)
-    m = int(np.ceil(np.nanmax(np.abs(flow), initial=0.0))) + 2
-    r0, c0 = max(0, r - m), max(0, c - m)
-    ref, rv = pair.read_tile(tiling.Tile(r, c, h, w), True)
-    mov, mv = pair.read_tile(tiling.Tile(r0, c0, min(area.height, r + h + m) - r0, min(area.width, c + w + m) - c0),
-                             False)
-    ref = np.where(rv, preprocess.prepare(ref, rv, pair.ref_is_optical, sar_scale), np.nan)
-    mov = np.where(mv, preprocess.prepare(mov, mv, not pair.ref_is_optical, sar_scale), np.nan)
-    shift = np.array([c - c0, r - r0], np.float32)[:, None, None]
-    return {"ref": ref, "mov_before": mov[r - r0:r - r0 + h, c - c0:c - c0 + w],
-            "mov_after": coords.warp_np(mov, np.nan_to_num(flow) + shift, order=1, cval=np.nan),
-            "flow": flow, "certainty": cert, "origin": (area.row + r, area.col + c)}
-
-
-def _overview_products(pair: AlignedPair, sar_scale: str, overview: qa.FlowOverview,
-                       affine: Optional[np.ndarray]) -> dict:
-    """Both images and the applied field on the overview grid (:func:`soma_cli.qa.write_products`'
-    ``overview``): the verdict's edge similarity and the QA pictures come from it.  ``affine``:
-    the field is that affine (``--mode affine``), else the overview's flow."""
-    s, shape, area = overview.step, overview.shape, pair.area
-    ref, rv = pair.read_overview(True, shape)
-    mov, mv = pair.read_overview(False, shape)
-    ref_g = np.where(rv, preprocess.prepare(ref, rv, pair.ref_is_optical, sar_scale), np.nan)
-    mov_g = np.where(mv, preprocess.prepare(mov, mv, not pair.ref_is_optical, sar_scale), np.nan)
-    flow, cert = overview.arrays()
-    if affine is not None:
-        yy, xx = np.meshgrid(area.row + coords.stride_offsets(0, area.height, s),
-                             area.col + coords.stride_offsets(0, area.width, s), indexing="ij")
-        flow = np.stack(coords.affine_flow_points_np(affine, xx, yy))
-    after = coords.warp_np(np.nan_to_num(mov_g), coords.flow_to_stride_np(np.nan_to_num(flow), s), order=1,
-                           cval=np.nan)
-    after = np.where(np.isfinite(flow).all(0), after, np.nan)
-    return {"ref": ref_g.astype(np.float32), "mov_before": mov_g.astype(np.float32),
-            "mov_after": after.astype(np.float32), "flow": flow.astype(np.float32),
-            "certainty": cert.astype(np.float32), "scale": s, "origin": (area.row, area.col)}
-
-
-def _write_qa(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher, sar_scale: str,
-              overview: qa.FlowOverview, products: dict, affine: np.ndarray, tile_rows: list, verdict: dict) -> dict:
-    """The QA folder, from the overview products of the field that was applied and the verdict."""
-    qa_dir = Path(opts.qa_out)
-    qa_dir.mkdir(exist_ok=True)
-    return qa.write_products(qa_dir, products, tile_rows, meta=_run_meta(opts, pair, matcher, sar_scale),
-                             crop=_qa_crop(opts, pair, sar_scale, overview, affine), verdict=verdict)

@@ -18,7 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .atomic import atomic_write, read_json
 from .errors import InputError
-from .qa import ALIGNMENT, PRODUCTS, input_names
+from .qa import ALIGNMENT, PRODUCTS
+from .qa_figures import input_names
 
 REPORT_NAME = "report.html"
 

@@ -14,7 +14,7 @@ from matplotlib.image import imread
 from rasterio.transform import from_origin
 from scipy import ndimage
 
-from soma_cli import batch, report
+from soma_cli import batch, batch_pairs, report
 from soma_cli.errors import ConfigError, InputError, OutputError, SomaWarning
 
 SIZE = 192
@@ -77,7 +77,7 @@ def inputs(tmp_path):
 
 def _run(manifest, out, client, **kw):
     seen = []
-    res = batch.run_batch(batch.read_manifest(manifest), out, {"method": "gradient"}, client=client,
+    res = batch.run_batch(batch_pairs.read_manifest(manifest), out, {"method": "gradient"}, client=client,
                           progress=lambda d, t, rec: seen.append((d, t, rec["id"], rec["status"])), **kw)
     assert [s[0] for s in seen] == list(range(1, len(seen) + 1)) and all(s[1] == len(seen) for s in seen)
     return res, {r["id"]: r for r in res.records}
@@ -96,7 +96,7 @@ def test_batch_runs_resumes_isolates_failures_and_reports(tmp_path, inputs, clie
         assert r["status"] == "ok" and r["error"] is None
         for name in ("aligned.tif", "flow.tif", "tiepoints.gpkg", "done.json", "qa/summary.json", "qa/tiles.csv"):
             assert (out / pid / name).is_file(), name
-        assert batch.is_done(out / pid)
+        assert batch_pairs.is_done(out / pid)
         # the synthetic shift is recovered (the gradient matcher is sub-pixel on this texture)
         assert r["qa"]["median_dx"] == pytest.approx(SHIFT[0], abs=0.5)
         assert r["qa"]["median_dy"] == pytest.approx(SHIFT[1], abs=0.5)
@@ -112,7 +112,7 @@ def test_batch_runs_resumes_isolates_failures_and_reports(tmp_path, inputs, clie
             assert float(imread(out / pid / "qa" / png)[..., :3].var()) > 1e-4, png
     bad = recs["p3"]
     assert bad["status"] == "failed" and "p3_sar.tif" in bad["error"]
-    assert (out / "p3" / batch.FAILED).is_file() and not (out / "p3" / batch.DONE).exists()
+    assert (out / "p3" / batch_pairs.FAILED).is_file() and not (out / "p3" / batch_pairs.DONE).exists()
     # one matcher per worker, not per pair (2 workers, 2 pairs that reached the matcher)
     assert sum(not r["matcher_cached"] for r in recs.values() if r["status"] == "ok") <= 2
     log = _runlog(out)
@@ -135,7 +135,7 @@ def test_batch_runs_resumes_isolates_failures_and_reports(tmp_path, inputs, clie
     make_pair(tmp_path / "in", "p3", seed=2)
     res3, recs3 = _run(inputs, out, client, retry_failed=True)
     assert recs3["p3"]["status"] == "ok" and recs3["p1"]["status"] == "skipped"
-    assert batch.is_done(out / "p3") and not (out / "p3" / batch.FAILED).exists()
+    assert batch_pairs.is_done(out / "p3") and not (out / "p3" / batch_pairs.FAILED).exists()
 
     page = report.render(out)
     text = page.read_text()
@@ -158,19 +158,19 @@ def test_killed_run_is_redone(tmp_path, client):
     workers = {r["worker"] for r in recs.values()}
     assert sum(not r["matcher_cached"] for r in recs.values()) == len(workers) < 3
     # k1: killed before done.json was written (outputs there, a stray temp file from the writer)
-    (out / "k1" / batch.DONE).unlink()
+    (out / "k1" / batch_pairs.DONE).unlink()
     stray = out / "k1" / ".aligned.tif.abc123.tmp.tif"
     stray.write_bytes(b"partial")
     # k2: an output changed after done.json (e.g. truncated by a copy): the size check catches it
     with open(out / "k2" / "flow.tif", "r+b") as fh:
         fh.truncate(100)
     # k3: done.json itself cut short
-    (out / "k3" / batch.DONE).write_text('{"id": "k3", "outp')
-    assert [batch.pair_state(out / k) for k in ("k1", "k2", "k3")] == ["todo"] * 3
+    (out / "k3" / batch_pairs.DONE).write_text('{"id": "k3", "outp')
+    assert [batch_pairs.pair_state(out / k) for k in ("k1", "k2", "k3")] == ["todo"] * 3
     res2, recs2 = _run(manifest, out, client)
     assert {k: r["status"] for k, r in recs2.items()} == {"k1": "ok", "k2": "ok", "k3": "ok"}
     assert not stray.exists()
-    assert all(batch.is_done(out / k) for k in ("k1", "k2", "k3"))
+    assert all(batch_pairs.is_done(out / k) for k in ("k1", "k2", "k3"))
     res3, _ = _run(manifest, out, client)
     assert res3.counts()["skipped"] == 3
 
@@ -178,18 +178,18 @@ def test_killed_run_is_redone(tmp_path, client):
 def test_is_done_requires_every_listed_output(tmp_path):
     d = tmp_path / "x"
     d.mkdir()
-    assert batch.pair_state(d) == "todo"
+    assert batch_pairs.pair_state(d) == "todo"
     (d / "aligned.tif").write_bytes(b"12345")
     (d / "flow.tif").write_bytes(b"123")
     (d / "tiepoints.gpkg").write_bytes(b"1")
-    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 3, "tiepoints.gpkg": 1}}))
-    assert batch.pair_state(d) == "done"
-    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "tiepoints.gpkg": 1}}))  # no flow.tif
-    assert batch.pair_state(d) == "todo"
-    (d / batch.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 4, "tiepoints.gpkg": 1}}))
-    assert batch.pair_state(d) == "todo"
-    (d / batch.FAILED).write_text("{}")
-    assert batch.pair_state(d) == "failed"
+    (d / batch_pairs.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 3, "tiepoints.gpkg": 1}}))
+    assert batch_pairs.pair_state(d) == "done"
+    (d / batch_pairs.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "tiepoints.gpkg": 1}}))  # no flow.tif
+    assert batch_pairs.pair_state(d) == "todo"
+    (d / batch_pairs.DONE).write_text(json.dumps({"outputs": {"aligned.tif": 5, "flow.tif": 4, "tiepoints.gpkg": 1}}))
+    assert batch_pairs.pair_state(d) == "todo"
+    (d / batch_pairs.FAILED).write_text("{}")
+    assert batch_pairs.pair_state(d) == "failed"
 
 
 def test_read_manifest_options_and_errors(tmp_path):
@@ -198,7 +198,7 @@ def test_read_manifest_options_and_errors(tmp_path):
         {"sar": "/abs/b.tif", "opt": "o/b.tif", "id": "b 2", "reference": "sar", "tile_size": "256",
          "bands": "1,2"},
     ])
-    a, b = batch.read_manifest(m)
+    a, b = batch_pairs.read_manifest(m)
     assert a.id == "a" and a.sar == tmp_path / "s/a.tif" and a.options == {"method": "identity", "bands": (4, 3, 2)}
     assert b.id == "b_2" and b.sar == Path("/abs/b.tif")
     assert b.options == {"reference": "sar", "tile_size": 256, "bands": (1, 2)}
@@ -212,9 +212,9 @@ def test_read_manifest_options_and_errors(tmp_path):
     ]
     for rows, msg in bad:
         with pytest.raises(ConfigError, match=msg):
-            batch.read_manifest(write_manifest(tmp_path / "bad.csv", rows))
+            batch_pairs.read_manifest(write_manifest(tmp_path / "bad.csv", rows))
     with pytest.raises(InputError):
-        batch.read_manifest(tmp_path / "missing.csv")
+        batch_pairs.read_manifest(tmp_path / "missing.csv")
 
 
 def test_pairs_from_globs(tmp_path):
@@ -223,7 +223,7 @@ def test_pairs_from_globs(tmp_path):
         (tmp_path / sub).mkdir()
         for n in names:
             (tmp_path / sub / n).write_bytes(b"")
-    pairs, unmatched = batch.pairs_from_globs(str(tmp_path / "sar/*.tif"), str(tmp_path / "opt/*"))
+    pairs, unmatched = batch_pairs.pairs_from_globs(str(tmp_path / "sar/*.tif"), str(tmp_path / "opt/*"))
     assert [p.id for p in pairs] == ["x_20200101", "x_20200202"]
     assert sorted(p.name for p in unmatched) == ["y.tif", "z.tif"]
     assert pairs[1].opt.name == "x_20200202.TIF"
@@ -231,21 +231,21 @@ def test_pairs_from_globs(tmp_path):
     (tmp_path / "opt2").mkdir()
     for n in ("S2_20200101_T11.tif", "S2_20200202_T11.tif"):
         (tmp_path / "opt2" / n).write_bytes(b"")
-    pairs, unmatched = batch.pairs_from_globs(str(tmp_path / "sar/x_*.tif"), str(tmp_path / "opt2/*.tif"),
+    pairs, unmatched = batch_pairs.pairs_from_globs(str(tmp_path / "sar/x_*.tif"), str(tmp_path / "opt2/*.tif"),
                                               key_regex=r"_(?P<key>\d{8})")
     assert [(p.id, p.opt.name) for p in pairs] == [("20200101", "S2_20200101_T11.tif"),
                                                   ("20200202", "S2_20200202_T11.tif")]
     with pytest.raises(InputError, match="matches no file"):
-        batch.pairs_from_globs(str(tmp_path / "none/*.tif"), str(tmp_path / "opt/*"))
+        batch_pairs.pairs_from_globs(str(tmp_path / "none/*.tif"), str(tmp_path / "opt/*"))
     with pytest.raises(ConfigError, match="key"):
-        batch.pairs_from_globs(str(tmp_path / "sar/*.tif"), str(tmp_path / "opt/*"), key_regex=r"x_")
+        batch_pairs.pairs_from_globs(str(tmp_path / "sar/*.tif"), str(tmp_path / "opt/*"), key_regex=r"x_")
     with pytest.raises(ConfigError, match="bad --key-regex"):
-        batch.pairs_from_globs(str(tmp_path / "sar/*.tif"), str(tmp_path / "opt/*"), key_regex="(")
+        batch_pairs.pairs_from_globs(str(tmp_path / "sar/*.tif"), str(tmp_path / "opt/*"), key_regex="(")
 
 
 def test_out_dir_guard(tmp_path):
     (tmp_path / "other.txt").write_text("not ours")
-    pair = batch.BatchPair("a", tmp_path / "a.tif", tmp_path / "b.tif")
+    pair = batch_pairs.BatchPair("a", tmp_path / "a.tif", tmp_path / "b.tif")
     with pytest.raises(OutputError, match="not a soma batch folder"):
         batch.run_batch([pair], tmp_path, {"method": "identity"})
 
@@ -254,7 +254,7 @@ def test_run_interrupted_before_any_pair_finished_resumes(tmp_path, client, monk
     """The run folder is claimed (run log created) before any work: a run interrupted while its
     first pairs are still running is resumed, not refused as a foreign folder."""
     s, o = make_pair(tmp_path / "in", "r1", seed=3)
-    pairs = [batch.BatchPair("r1", s, o)]
+    pairs = [batch_pairs.BatchPair("r1", s, o)]
     out = tmp_path / "out"
 
     def interrupted(jobs, *args):
@@ -269,7 +269,7 @@ def test_run_interrupted_before_any_pair_finished_resumes(tmp_path, client, monk
             batch.run_batch(pairs, out, {"method": "gradient"}, client=client)
     assert (out / batch.RUNLOG).is_file()
     res = batch.run_batch(pairs, out, {"method": "gradient"}, client=client)
-    assert res.counts() == {"ok": 1, "failed": 0, "skipped": 0} and batch.is_done(out / "r1")
+    assert res.counts() == {"ok": 1, "failed": 0, "skipped": 0} and batch_pairs.is_done(out / "r1")
 
 
 def test_collect_pairs_and_glob_hints(tmp_path):
@@ -278,15 +278,15 @@ def test_collect_pairs_and_glob_hints(tmp_path):
         for n in names:
             (tmp_path / sub / n).write_bytes(b"")
     with pytest.raises(InputError, match="share a key.*--key-regex"):
-        batch.collect_pairs(sar_glob=str(tmp_path / "sar/*.tif"), opt_glob=str(tmp_path / "opt/*.tif"))
+        batch_pairs.collect_pairs(sar_glob=str(tmp_path / "sar/*.tif"), opt_glob=str(tmp_path / "opt/*.tif"))
     with pytest.warns(SomaWarning, match=r"2 file\(s\) without a partner: ") as seen:
-        pairs = batch.collect_pairs(sar_glob=str(tmp_path / "sar/*.tif"), opt_glob=str(tmp_path / "opt/*.tif"),
+        pairs = batch_pairs.collect_pairs(sar_glob=str(tmp_path / "sar/*.tif"), opt_glob=str(tmp_path / "opt/*.tif"),
                                     key_regex=r"_(\d{8})")
     assert "S1_20200202.tif" in str(seen[0].message) and "x.tif" in str(seen[0].message)
     assert [p.id for p in pairs] == ["20200101"]
     for kw in ({}, {"manifest": tmp_path / "m.csv", "sar_glob": "a"}, {"sar_glob": "a"}):
         with pytest.raises(ConfigError, match="either a MANIFEST.csv or both"):
-            batch.collect_pairs(**kw)
+            batch_pairs.collect_pairs(**kw)
 
 
 def test_cli_batch_glob_and_report(tmp_path):
@@ -303,7 +303,7 @@ def test_cli_batch_glob_and_report(tmp_path):
                             "--opt-glob", str(tmp_path / "*.tif"), "--key-regex", r"^(g\d)",
                             "--out-dir", str(out), "--method", "gradient", "--workers", "1"])
     assert r.exit_code == 0, r.output
-    assert batch.is_done(out / "g1") and "g1" in r.output and "ok" in r.output
+    assert batch_pairs.is_done(out / "g1") and "g1" in r.output and "ok" in r.output
     assert (out / "report.html").is_file()
     _check_links(out / "report.html")
     r = runner.invoke(app, ["report", str(out / "g1" / "qa")])
@@ -318,7 +318,7 @@ def test_cli_batch_glob_and_report(tmp_path):
     squashed = "".join(r.output.split()).replace("│", "")  # the table wraps long cells
     assert "failed" in r.output and "skipped" in r.output and "SARfilenotfound" in squashed
     assert "missing.tif" in squashed
-    assert batch.pair_state(out / "gone") == "failed"
+    assert batch_pairs.pair_state(out / "gone") == "failed"
     r = runner.invoke(app, ["batch", "-o", str(out)])
     assert r.exit_code != 0
 
@@ -363,7 +363,7 @@ def test_one_band_list_parser_and_json_reader(tmp_path):
     from soma_cli.atomic import read_json
     from soma_cli.preprocess import parse_bands
 
-    assert batch.parse_bands is parse_bands
+    assert batch_pairs.parse_bands is parse_bands
     assert parse_bands("4,3,2") == parse_bands("4 3 2") == parse_bands(" 4, 3;2 ") == (4, 3, 2)
     assert parse_bands(None) is None
     for bad in ("", "r,g", "0,1", "4,-1"):

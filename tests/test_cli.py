@@ -18,7 +18,7 @@ import rasterio
 import typer.main
 from typer.testing import CliRunner
 
-from soma_cli import __version__, cli
+from soma_cli import __version__, cli, interrupt
 from soma_cli.errors import InputError, SomaWarning
 from soma_cli.io.pair import open_pair
 
@@ -211,8 +211,8 @@ def test_interrupted_library_call_cleans_up_or_is_abandoned(tmp_path):
         t0 = time.monotonic()
         timer.start()
         with pytest.raises(KeyboardInterrupt):
-            cli._run_interruptibly(call, lambda *a: None, outputs=(tmp_path / "out.tif",))
-        assert time.monotonic() - t0 < 0.5 + cli._GRACE_S + 0.5
+            interrupt.run_interruptibly(call, lambda *a: None, outputs=(tmp_path / "out.tif",))
+        assert time.monotonic() - t0 < 0.5 + interrupt.GRACE_S + 0.5
         assert cleaned.is_set() != abandoned
         assert not mine.exists() and other.exists()
 

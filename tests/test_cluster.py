@@ -16,7 +16,7 @@ import pytest
 import pyogrio
 import rasterio
 
-from soma_cli import batch
+from soma_cli import batch, batch_pairs
 from test_batch import make_pair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,11 +93,11 @@ def _finish(proc, timeout=120):
 
 def _check_outcomes(out: Path, ids):
     """Every pair is done with complete, readable outputs, or failed and retryable."""
-    states = {pid: batch.pair_state(out / pid) for pid in ids}
+    states = {pid: batch_pairs.pair_state(out / pid) for pid in ids}
     assert set(states.values()) <= {"done", "failed"}, states
     for pid, state in states.items():
         if state == "done":
-            for name in batch.OUTPUTS:
+            for name in batch_pairs.OUTPUTS:
                 if name.endswith(".tif"):
                     with rasterio.open(out / pid / name) as ds:
                         assert np.isfinite(ds.read(1).astype(float)).any()

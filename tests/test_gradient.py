@@ -8,7 +8,8 @@ from scipy import ndimage
 
 from soma_cli import coords, synth
 from soma_cli.matchers import get_matcher
-from soma_cli.matchers.gradient import GradientMatcher, descriptor
+from soma_cli.matchers.gradient import GradientMatcher
+from soma_cli.matchers.gradient_ops import descriptor
 from soma_cli import preprocess as pp
 
 CROP = 384

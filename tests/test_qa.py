@@ -10,7 +10,7 @@ from matplotlib.image import imread
 from scipy import ndimage
 
 from soma_cli import __version__ as soma_version
-from soma_cli import qa, report
+from soma_cli import qa, qa_figures, report
 from soma_cli.coords import warp_np
 from soma_cli.errors import InputError
 
@@ -186,13 +186,13 @@ def test_histogram_states_clipping(tmp_path):
                                          "certainty": cert, "scale": 1}, [])
     hist = summary["flow_hist"]
     assert hist["beyond"] == 16 and hist["upper_px"] < 60 and hist["beyond_share"] == pytest.approx(16 / 128 ** 2)
-    fig = qa._hist_figure(np.hypot(flow[0], flow[1]), 1.0)
+    fig = qa_figures._hist_figure(np.hypot(flow[0], flow[1]), 1.0)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert any(lab.startswith(f"> {hist['upper_px']:.2f} px") and "16 pixels" in lab for lab in labels), labels
     text = report.render(qa_dir).read_text()
     assert "16 values" in text and f"exceed {hist['upper_px']:.2f} px" in text
     # without a tail the range is the maximum and nothing is beyond
-    upper, beyond = qa.hist_range(np.linspace(0.0, 3.0, 1000))
+    upper, beyond = qa_figures.hist_range(np.linspace(0.0, 3.0, 1000))
     assert upper == pytest.approx(3.0) and beyond == 0
 
 
@@ -200,10 +200,10 @@ def test_edge_map_is_thin_and_ignores_nodata():
     img = np.zeros((80, 80), np.float32)
     img[:, 40:] = 1.0  # one vertical step between columns 39 and 40
     img[:, :8] = np.nan  # a nodata strip: its border is no edge
-    e = qa.edge_map(img)
+    e = qa_figures.edge_map(img)
     cols = np.nonzero(e.any(axis=0))[0]
     assert set(cols) <= {39, 40} and e[10:70].sum(axis=1).max() == 1 and e[10:70].any(axis=1).all()
-    assert not qa.edge_map(np.full((20, 20), np.nan, np.float32)).any()
+    assert not qa_figures.edge_map(np.full((20, 20), np.nan, np.float32)).any()
 
 
 def test_crop_window_goes_where_the_certain_edges_are():
@@ -212,13 +212,13 @@ def test_crop_window_goes_where_the_certain_edges_are():
     opt[150:, :150] = ndimage.gaussian_filter(rng.normal(size=(150, 150)), 2)  # texture bottom left only
     cert = np.ones(opt.shape, np.float32)
     crop = {"ref": opt, "mov_before": opt, "mov_after": opt, "certainty": cert}
-    r, c, h, w = qa.crop_window(crop, True, size=100)
+    r, c, h, w = qa_figures.crop_window(crop, True, size=100)
     assert (h, w) == (100, 100) and r >= 140 and c + w <= 160
     # texture everywhere, the matcher sure only in the top right: look there
     crop["mov_after"] = crop["ref"] = ndimage.gaussian_filter(rng.normal(size=(300, 300)), 2).astype(np.float32)
     cert[:] = 0.1
     cert[:150, 150:] = 1.0
-    r, c, _, _ = qa.crop_window(crop, True, size=100)
+    r, c, _, _ = qa_figures.crop_window(crop, True, size=100)
     assert r + 100 <= 160 and c >= 140
 
 
@@ -342,11 +342,11 @@ def test_pictures_name_the_inputs_and_panels():
     ref, mov, after, flow = _scene(128, 128)
     cert = np.ones(ref.shape, np.float32)
     crop = _crop(ref, mov, after, flow, cert, 0, 0, 128)
-    fig = qa.alignment_figure(crop, qa.crop_window(crop, True, size=96), ("s2_rgb.tif", "s1_vh.tif"), True)
+    fig = qa_figures.alignment_figure(crop, qa_figures.crop_window(crop, True, size=96), ("s2_rgb.tif", "s1_vh.tif"), True)
     assert [ax.get_title() for ax in fig.axes] == ["before", "after"]
     assert "edges of s2_rgb.tif" in fig._suptitle.get_text() and "over s1_vh.tif" in fig._suptitle.get_text()
-    assert fig.axes[0].get_xlabel() == qa.AXIS_LABELS[0] and fig.axes[0].get_ylabel() == qa.AXIS_LABELS[1]
-    fig = qa._checker_figure(ref, after, "after", ("s2_rgb.tif", "s1_vh.tif"), qa._extent(ref.shape, 4, (100, 200)),
+    assert fig.axes[0].get_xlabel() == qa_figures.AXIS_LABELS[0] and fig.axes[0].get_ylabel() == qa_figures.AXIS_LABELS[1]
+    fig = qa_figures._checker_figure(ref, after, "after", ("s2_rgb.tif", "s1_vh.tif"), qa_figures._extent(ref.shape, 4, (100, 200)),
                              (110, 210, 50, 50))
     ax = fig.axes[0]
     assert "after" in ax.get_title()

@@ -15,7 +15,7 @@ import rasterio
 from rasterio.windows import Window
 from scipy import ndimage
 
-from soma_cli import batch, coords
+from soma_cli import batch, batch_pairs, coords
 from soma_cli.errors import InputError, RegistrationFailed
 from soma_cli.pipeline import RegisterOptions, register
 from soma_cli.stitch import FlowSamples, Strip
@@ -237,6 +237,6 @@ def test_batch_records_the_verdict_and_strict_makes_it_a_failure(tmp_path, unrel
                "options": {"method": "gradient", "threads": 1, "strict": strict}}
         recs[strict] = batch.run_pair(job)
     assert recs[False]["status"] == "ok" and recs[False]["verdict"]["status"] == "failed"
-    assert batch.pair_state(tmp_path / "pFalse") == "done"
+    assert batch_pairs.pair_state(tmp_path / "pFalse") == "done"
     assert recs[True]["status"] == "failed" and recs[True]["verdict"]["status"] == "failed"
-    assert "registration failed" in recs[True]["error"] and batch.pair_state(tmp_path / "pTrue") == "failed"
+    assert "registration failed" in recs[True]["error"] and batch_pairs.pair_state(tmp_path / "pTrue") == "failed"

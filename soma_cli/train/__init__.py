@@ -4,6 +4,6 @@ pairs (:mod:`.data`, needs rasterio), :func:`fit` trains on it (:mod:`.loop`, wi
 :mod:`soma_cli.model.export`."""
 
 from .data import load_cache, prepare
-from .loop import FitConfig, check_only, fit
+from .loop import FitConfig, check_crop, check_only, fit
 
-__all__ = ["FitConfig", "check_only", "fit", "load_cache", "prepare"]
+__all__ = ["FitConfig", "check_crop", "check_only", "fit", "load_cache", "prepare"]

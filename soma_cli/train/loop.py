@@ -52,6 +52,12 @@ class FitConfig:
     only: str = ""  # "certainty": train only the certainty calibration (the flow stays exactly as it is)
 
 
+def check_crop(crop: int) -> None:
+    """``FitConfig.crop`` / ``soma train --crop``: the network needs a multiple of 32 px."""
+    if crop % 32:
+        raise ConfigError("--crop must be a multiple of 32")
+
+
 def check_only(only: str) -> None:
     """``FitConfig.only`` / ``soma train --only``: empty (train everything) or ``certainty``."""
     if only not in ("", "certainty"):
