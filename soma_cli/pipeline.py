@@ -340,7 +340,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
             elif scene.prior is not None:  # what is written and shown: the moving image unmoved
                 log, affine, stats = measure(scene.unmoved(scratch)), _IDENTITY, _NO_FIT
                 products = register_qa.overview_products(pair, sar_scale, log.overview, None)
-        tiepoints = TiePointSampler(opts.tiepoint_step, area) if opts.tiepoints_out is not None or opts.mode == "gcps" \
+        tiepoints = TiePointSampler(opts.tiepoint_step, area, level) if opts.tiepoints_out is not None or opts.mode == "gcps" \
             else None
         flow_sink = None
         if opts.flow_out is not None:

@@ -20,13 +20,12 @@ import numpy as np
 
 from . import coords
 from .errors import MatchError
-from .qa import CERTAIN
 from .stitch import Strip
 from .tiling import Tile
 
-#: a tie point is reliable when its certainty is at least this (the evidence threshold) ...
-RELIABLE_CERTAINTY = CERTAIN
-#: ... and its estimated error, when there is one, at most this many reference pixels
+#: a tie point is reliable when its certainty reaches the matcher's evidence level
+#: (:func:`soma_cli.matchers.evidence_certainty`) and its estimated error, when there is one, is at
+#: most this many reference pixels
 RELIABLE_ERROR_PX = 1.0
 #: at most this many ground control points: GDAL's thin-plate-spline solve grows with the cube of
 #: their number (about 0.3 s for 1000, 3 s for 2000, a minute for 4000)
@@ -48,7 +47,8 @@ FIELDS = (
     ("dy_map", "map y of the matched point minus y (map units of the reference CRS)"),
     ("certainty", "certainty of the match, 0..1"),
     ("est_error", "estimated error of the match in reference pixels; NULL without an error estimate"),
-    ("reliable", f"certainty >= {RELIABLE_CERTAINTY:g} and est_error <= {RELIABLE_ERROR_PX:g} px where known"),
+    ("reliable", (f"certainty >= the matcher's evidence level (soma 0.7, gradient 0.1) and est_error <= "
+                  f"{RELIABLE_ERROR_PX:g} px where known")),
 )
 
 
@@ -87,8 +87,8 @@ class TiePoints:
         :class:`~soma_cli.errors.MatchError`."""
         reliable = np.flatnonzero(self.reliable)
         if reliable.size < min_n:
-            raise MatchError(f"only {reliable.size} reliable tie points (certainty >= {RELIABLE_CERTAINTY:g}); "
-                             f"--mode gcps needs at least {min_n}")
+            raise MatchError(f"only {reliable.size} reliable tie points (certainty at the matcher's evidence "
+                             f"level); --mode gcps needs at least {min_n}")
         gi = (self.col[reliable] - self.step // 2) // self.step
         gj = (self.row[reliable] - self.step // 2) // self.step
         k = max(1, math.isqrt(reliable.size // max(max_n, 1)))
@@ -101,10 +101,10 @@ class TiePoints:
 
 class TiePointSampler:
     """Collects the tie points of the final strips of the overlap window ``area`` (absolute
-    reference pixels), ``step`` pixels apart."""
+    reference pixels), ``step`` pixels apart; a point is reliable from certainty ``evidence`` on."""
 
-    def __init__(self, step: int, area: Tile):
-        self.step, self.area = int(step), area
+    def __init__(self, step: int, area: Tile, evidence: float):
+        self.step, self.area, self.evidence = int(step), area, float(evidence)
         self._cols = coords.stride_offsets(area.col - self.step // 2, area.width, self.step)
         self._parts: List[tuple] = []
 
@@ -135,6 +135,6 @@ class TiePointSampler:
         x, y = coords.pixel_to_map(transform, col, row)
         mx, my = coords.pixel_to_map(transform, col + dx, row + dy)
         est_error = np.full(col.size, np.nan)
-        reliable = (cert >= RELIABLE_CERTAINTY) & ~(est_error > RELIABLE_ERROR_PX)
+        reliable = (cert >= self.evidence) & ~(est_error > RELIABLE_ERROR_PX)
         return TiePoints(self.step, np.arange(1, col.size + 1, dtype=np.int64), col, row, x, y, dx, dy,
                          mx - x, my - y, cert.astype(np.float64), est_error, reliable)

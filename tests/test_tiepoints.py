@@ -225,7 +225,7 @@ def test_tiepoint_outputs_are_checked_up_front(tmp_path, pair):
 
 def test_gcp_subgrid_is_capped_and_regular():
     area = Tile(0, 0, 1000, 1000)
-    sampler = TiePointSampler(10, area)
+    sampler = TiePointSampler(10, area, 0.5)
     sampler.add(Strip(0, np.zeros((2, 1000, 1000), np.float32), np.ones((1000, 1000), np.float32),
                       np.ones((1000, 1000), bool)))
     points = sampler.table(from_origin(0, 0, 1, 1))
@@ -244,3 +244,16 @@ def test_cli_rejects_a_tiepoints_name_that_is_not_a_geopackage(tmp_path, pair):
                            "--tiepoints-out", str(tmp_path / "tp.csv")], capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and ".gpkg" in proc.stderr
+
+
+def test_reliable_follows_the_evidence_level():
+    """A tie point is reliable from the matcher's evidence level on, not from a fixed 0.5."""
+    area = Tile(0, 0, 40, 40)
+    cert = np.tile(np.linspace(0.0, 1.0, 40, dtype=np.float32), (40, 1))
+    strip = Strip(0, np.zeros((2, 40, 40), np.float32), cert, np.ones((40, 40), bool))
+    for level in (0.5, 0.7):
+        sampler = TiePointSampler(10, area, level)
+        sampler.add(strip)
+        points = sampler.table(from_origin(0, 0, 1, 1))
+        assert np.array_equal(points.reliable, points.certainty >= level)
+        assert 0 < points.reliable.sum() < len(points)
