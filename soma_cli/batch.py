@@ -38,6 +38,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .errors import ConfigError, OutputError, RegistrationFailed, SomaError
 from .atomic import read_json, to_jsonable, write_json
+from .cpu import usable_cores
 from .batch_pairs import DONE, FAILED, BatchPair, check_options, check_unique, output_sizes, pair_state
 
 RUNLOG = "runlog.jsonl"
@@ -250,7 +251,7 @@ def run_batch(
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     check_unique(pairs, "batch")
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     base = check_options(dict(options or {}), "batch options")
