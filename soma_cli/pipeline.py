@@ -29,7 +29,7 @@ import numpy as np
 from . import coords, cpu, preprocess, qa, register_qa, tiling
 from .errors import ConfigError, GeoreferenceError, InputError, OutputError, RegistrationFailed
 from .io.pair import AlignedPair, gdal_env, open_pair
-from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated, write_with_gcps
+from .io.sinks import FlowScratch, FlowSink, ImageSink, strip_rows, write_relocated, write_with_gcps
 from .io.tiepoints import write_tiepoints
 from .io.write import check_output
 from .matchers import Matcher, evidence_certainty, get_matcher, min_size, trust_certainty
@@ -439,7 +439,8 @@ def _write_affine(opts: RegisterOptions, pair: AlignedPair, affine: np.ndarray, 
         return write_relocated(pair, opts.out, affine, cog=opts.cog, tags=tags)
     area = pair.area
     with ImageSink(pair, opts.out, cog=opts.cog, tags=tags) as sink:
-        for a in range(area.row, area.row + area.height, CHUNK):
-            h = min(CHUNK, area.row + area.height - a)
+        rows = strip_rows(area.width)
+        for a in range(area.row, area.row + area.height, rows):
+            h = min(rows, area.row + area.height - a)
             sink.write(*warper(coords.affine_to_flow_np(affine, h, area.width, col0=area.col, row0=a), a), a)
     return None

@@ -84,8 +84,14 @@ class StripStitcher:
         ws = self.wsum[:n]
         valid = ws > 0
         safe = np.where(valid, ws, 1.0)
-        flow = np.where(valid, self.acc[:, :n] / safe, np.nan).astype(np.float32)
-        cert = np.where(valid, self.cacc[:n] / safe, 0.0).astype(np.float32)
+        # divided straight into float32 (each value rounded once, as a float64 quotient would be):
+        # no strip-sized float64 temporaries, which would dominate memory on a wide scene
+        flow = np.empty((2, n, self.width), np.float32)
+        np.divide(self.acc[:, :n], safe, out=flow, casting="same_kind")
+        flow[:, ~valid] = np.nan
+        cert = np.empty((n, self.width), np.float32)
+        np.divide(self.cacc[:n], safe, out=cert, casting="same_kind")
+        cert[~valid] = 0.0
         yield Strip(self.row0, flow, cert, valid)
         self.acc = self.acc[:, n:].copy()
         self.cacc = self.cacc[n:].copy()
