@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from . import coords, preprocess, qa, register_qa, tiling
+from . import check, coords, preprocess, qa, register_qa, tiling
 from .errors import ConfigError, GeoreferenceError, InputError, OutputError, RegistrationFailed
 from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated, write_with_gcps
@@ -70,6 +70,7 @@ class RegisterOptions:
     force: bool = False  # apply a registration whose verdict is failed (when there is evidence to apply)
     tiepoints_out: Optional[Path] = None  # GeoPackage of tie points
     tiepoint_step: int = 64  # reference pixels between tie points (and GCPs before thinning)
+    check: bool = True  # estimate the error of every tile (soma_cli.check: one more matcher pass)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class RegisterResult:
     tiepoints: Optional[dict] = None  # {"points", "reliable", "gcps"} when tie points were sampled
     evidence_certainty: float = 0.5
     verdict: Dict[str, object] = field(default_factory=dict)
+    check: Optional[dict] = None  # the estimated error over the trusted tiles (check.summary), with --check
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,12 +182,19 @@ def _check_size(area: tiling.Tile, matcher: Matcher) -> None:
 class _TileMatcher:
     """Reads, prepares and matches batches of tiles of the overlap window; the flow and certainty
     come out on the reference grid, the certainty of tiles without evidence discarded
-    (``evidence``).  With ``tile_rows`` (a list), each tile's QA scores go there."""
+    (``evidence``), and with ``check`` the estimated error (:mod:`soma_cli.check`; else None).
+    With ``tile_rows`` (a list), each tile's QA scores go there."""
 
     def __init__(self, pair: AlignedPair, matcher: Matcher, sar_scale: str, evidence: TileEvidence,
-                 tile_rows: Optional[list]):
+                 tile_rows: Optional[list], check: bool):
         self.pair, self.matcher, self.sar_scale = pair, matcher, sar_scale
-        self.evidence, self.tile_rows = evidence, tile_rows
+        self.evidence, self.tile_rows, self.check = evidence, tile_rows, check
+
+    def _match(self, opt, sar, ov, sv):
+        """Flow, certainty and estimated error (None without the check), on the optical grid."""
+        if self.check:
+            return check.checked_match(self.matcher, opt, sar, ov, sv)
+        return (*self.matcher.match(opt, sar, ov, sv), None)
 
     def __call__(self, batch: List[tiling.Tile]):
         ref_is_opt = self.pair.ref_is_optical
@@ -199,18 +208,23 @@ class _TileMatcher:
             mvs.append(mv)
         ref, mov, rv, mv = (np.stack(a) for a in (refs, movs, rvs, mvs))
         if ref_is_opt:
-            flow, cert = self.matcher.match(ref, mov, rv, mv)
+            flow, cert, err = self._match(ref, mov, rv, mv)
         else:  # matchers work on the optical grid: match there, then carry the match onto the SAR grid
-            flow_o, cert_o = self.matcher.match(mov, ref, mv, rv)
-            flow, cert = (np.stack(a) for a in zip(*(coords.invert_match_np(f, c) for f, c in zip(flow_o, cert_o))))
+            flow_o, cert_o, err_o = self._match(mov, ref, mv, rv)
+            maps = [coords.invert_match_np(f, c, *([] if err_o is None else [err_o[i]]))
+                    for i, (f, c) in enumerate(zip(flow_o, cert_o))]
+            flow, cert = np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps])
+            err = None if err_o is None else np.stack([m[2] for m in maps])
         flow = np.asarray(flow, np.float32)
         cert = np.clip(np.asarray(cert, np.float32), 0.0, 1.0) * rv
         cert = np.stack([self.evidence.record(t, c, r & m) for t, c, r, m in zip(batch, cert, rv, mv)])
+        if err is not None:
+            err = np.where(rv, err, np.nan).astype(np.float32)
         if self.tile_rows is not None:
-            self._score(batch, ref, mov, rv, mv, flow, cert)
-        return flow, cert, rv
+            self._score(batch, ref, mov, rv, mv, flow, cert, err)
+        return flow, cert, rv, err
 
-    def _score(self, batch, ref, mov, rv, mv, flow, cert) -> None:
+    def _score(self, batch, ref, mov, rv, mv, flow, cert, err) -> None:
         area = self.pair.area
         first = len(self.evidence.coverage) - len(batch)
         for i, t in enumerate(batch):
@@ -219,21 +233,22 @@ class _TileMatcher:
             scores = qa.tile_scores(np.where(rv[i], ref[i], np.nan), before, after, flow[i], cert[i], rv[i])
             self.tile_rows.append({"row_off": area.row + t.row, "col_off": area.col + t.col,
                                    "height": t.height, "width": t.width, **scores,
-                                   "coverage": self.evidence.coverage[first + i]})
+                                   "coverage": self.evidence.coverage[first + i],
+                                   **({} if err is None else {"est_error": check.tile_error(err[i])})})
 
 
 def _stitched_strips(tiles: List[tiling.Tile], match: _TileMatcher, area: tiling.Tile, overlap: int,
                      batch_size: int, progress: Optional[Progress]) -> Iterator[Strip]:
     """Match the tiles row by row in batches; yield the finished strips of the window, in order."""
-    stitcher = StripStitcher(area.height, area.width, overlap)
+    stitcher = StripStitcher(area.height, area.width, overlap, errors=match.check)
     rows = list(tiling.rows_of(tiles))
     done, total = 0, len(tiles)
     for i, trow in enumerate(rows):
         for j in range(0, len(trow), batch_size):
             batch = trow[j:j + batch_size]
-            flow, cert, rv = match(batch)
+            flow, cert, rv, err = match(batch)
             for k, t in enumerate(batch):
-                stitcher.add(t, flow[k], cert[k], rv[k])
+                stitcher.add(t, flow[k], cert[k], rv[k], None if err is None else err[k])
             done += len(batch)
             if progress:
                 progress(done, total)
@@ -303,7 +318,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
     level = evidence_certainty(matcher)
     evidence = TileEvidence(area.height, area.width, level)
     tile_rows: Optional[list] = [] if opts.qa_out is not None else None
-    match = _TileMatcher(pair, matcher, sar_scale, evidence, tile_rows)
+    match = _TileMatcher(pair, matcher, sar_scale, evidence, tile_rows, opts.check)
     warper = RowWarper(pair.read_moving_block, pair.moving_count, pair.height, pair.width, area.col,
                        coords.SPLINE_ORDERS[opts.resampling])
     tags = {"SOMA_METHOD": opts.method}
@@ -317,7 +332,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         return log
 
     with ExitStack() as stack:
-        scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width))
+        scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width, opts.check))
         raw = FlowSamples()
         for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, progress):
             scratch.write(strip)
@@ -328,11 +343,12 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         affine, stats = log.samples.fit() if scene.prior is not None else (_IDENTITY, _NO_FIT)
         products = register_qa.overview_products(pair, sar_scale, log.overview,
                                                  affine if opts.mode == "affine" else None)
+        checked = check.summary(raw.errors()[raw.trusted_mask()]) if opts.check else None
         verdict = judge(coverage(raw.arrays()[4], level), *qa.scene_similarity(products),
                         log.repaired / max(log.valid_px, 1),
                         # no trusted sample to fit: no tile counts as having evidence
                         evidence.coverage if scene.prior is not None else [0.0] * len(evidence.coverage),
-                        evidence.pixels)
+                        evidence.pixels, checked)
         apply = verdict["status"] != "failed" or (opts.force and scene.prior is not None)
         if verdict["status"] == "failed":
             if apply:
@@ -344,7 +360,8 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
             else None
         flow_sink = None
         if opts.flow_out is not None:
-            flow_sink = stack.enter_context(FlowSink(pair, opts.flow_out, cog=opts.cog, tags=tags))
+            flow_sink = stack.enter_context(FlowSink(pair, opts.flow_out, cog=opts.cog, tags=tags,
+                                                     error_band=opts.check))
         image = stack.enter_context(ImageSink(pair, opts.out, cog=opts.cog, tags=tags)) if opts.mode == "dense" \
             else None
         for strip, _ in scene.strips(scratch) if apply else scene.unmoved(scratch):
@@ -374,7 +391,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         qa=register_qa.write_qa(opts, pair, matcher, sar_scale, log.overview, products, affine, tile_rows, verdict)
         if opts.qa_out is not None else None,
         tiepoints_out=str(opts.tiepoints_out) if opts.tiepoints_out else None, tiepoints=tie_summary,
-        verdict=verdict,
+        verdict=verdict, check=checked,
     )
 
 
