@@ -32,7 +32,7 @@ from soma_cli import check
 from soma_cli.evaluate import base_chips, deform_chip
 from soma_cli.io.dataset import list_pairs, read_pair
 from soma_cli.matchers import get_matcher
-from soma_cli.matchers.auto import choose, needs_fallback
+from soma_cli.matchers.auto import RETRY_PX, choose, needs_fallback
 from soma_cli.metrics import error_metrics, relative_error
 
 METHODS = ("soma", "gradient")
@@ -50,7 +50,7 @@ STATISTICS = {"median": np.median, "mean": np.mean, "p75": lambda v: np.percenti
 
 
 def _statistics(est: np.ndarray) -> dict:
-    """Candidate tile errors of an estimate map; ``median`` is check.tile_error."""
+    """Candidate tile errors of an estimate map; ``mean`` is check.tile_error (chosen on T11SMT)."""
     v = est[np.isfinite(est)]
     return {k: float(f(v)) if v.size else None for k, f in STATISTICS.items()}
 
@@ -117,28 +117,35 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((r[positive].sum() - npos * (npos + 1) / 2) / (npos * nneg))
 
 
-def _auto(pr: dict) -> tuple:
+def _score(pr: dict, key: str, method: str, statistic: str) -> float:
+    v = pr[key][method][statistic]
+    return float("nan") if v is None else float(v)
+
+
+def _auto(pr: dict, statistic: str, retry_px: float) -> tuple:
     """(pairing key, fallback tried on F0, on F1) of --method auto on one chip under one protocol."""
     pick = []
     tried = []
     for key in ("est_f0", "est_f1"):
-        e = pr[key]
-        t = needs_fallback(e["soma"])
+        net, grad = _score(pr, key, "soma", statistic), _score(pr, key, "gradient", statistic)
+        t = needs_fallback(net, retry_px)
         tried.append(t)
-        pick.append("gradient" if t and choose(e["soma"], e["gradient"]) else "soma")
+        pick.append("gradient" if t and choose(net, grad) else "soma")
     return f"{pick[0]}>{pick[1]}", tried[0], tried[1]
 
 
-def report(records: Path, plot) -> dict:
+def report(records: Path, plot, statistic: str = "mean", retry_px: float = RETRY_PX) -> dict:
+    """The figures of the module docstring; ``statistic``: the tile error (check.tile_error is the
+    mean), ``retry_px``: auto's threshold."""
     recs = [json.loads(line) for line in records.read_text().splitlines() if line.strip()]
-    out = {"chips": len(recs), "protocols": {}}
+    out = {"chips": len(recs), "statistic": statistic, "retry_px": retry_px, "protocols": {}}
     all_est, all_true = [], []
     for p in PROTOCOLS:
         prs = [r["protocols"][p] for r in recs]
         true = np.array([x["rel_rmse"]["soma>soma"] for x in prs])
-        est = np.array([x["est_f1"]["soma"] for x in prs])
+        est = np.array([_score(x, "est_f1", "soma", statistic) for x in prs])
         all_est.append(est), all_true.append(true)
-        auto = [_auto(x) for x in prs]
+        auto = [_auto(x, statistic, retry_px) for x in prs]
         auto_rmse = np.array([x["rel_rmse"][a[0]] for x, a in zip(prs, auto)])
         grad = np.array([x["rel_rmse"]["gradient>gradient"] for x in prs])
         t_net = np.mean([r["seconds"]["soma"][0] for r in recs])
@@ -175,7 +182,7 @@ def report(records: Path, plot) -> dict:
         for p, e, t in zip(PROTOCOLS, all_est, all_true):
             ax.scatter(np.maximum(e, 0.05), np.clip(t, 0.05, 50), s=10, alpha=0.6, label=p)
         ax.plot([0.05, 50], [0.05, 50], "k:", lw=1)
-        ax.set(xscale="log", yscale="log", xlabel="estimated error (chip median, px)",
+        ax.set(xscale="log", yscale="log", xlabel="estimated error (chip mean, px)",
                ylabel="true relative RMSE (px)", title="Run-time check vs. truth, network, T11SLT chips")
         ax.legend()
         fig.tight_layout()
@@ -195,11 +202,13 @@ def main() -> None:
     q = sub.add_parser("report")
     q.add_argument("records", type=Path)
     q.add_argument("--plot", type=Path, default=None)
+    q.add_argument("--statistic", default="mean", choices=sorted(STATISTICS))
+    q.add_argument("--retry-px", type=float, default=RETRY_PX)
     a = ap.parse_args()
     if a.cmd == "run":
         run(a.data, a.split, a.out, a.limit, a.seed)
     else:
-        print(json.dumps(report(a.records, a.plot), indent=2))
+        print(json.dumps(report(a.records, a.plot, a.statistic, a.retry_px), indent=2))
 
 
 if __name__ == "__main__":

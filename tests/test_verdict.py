@@ -111,9 +111,11 @@ def test_unrelated_content_is_failed_and_left_unmoved(tmp_path, unrelated):
     assert summary["verdict"]["status"] == "failed" and summary["verdict"]["reason"].startswith("no evidence")
     assert summary["median_flow"] == 0.0 and summary["verdict"]["trusted_share"] == 0.0
     with rasterio.open(disp) as f, rasterio.open(out) as a:
-        fl = f.read()
+        fl = f.read([1, 2, 3])
+        err = f.read(4)
         aligned = a.read()
     assert (fl == 0).all()  # the whole reference is the overlap: dx, dy and certainty 0 everywhere
+    assert (err == f.nodata).all()  # the zero field written is not the matcher's: no error estimate
     assert np.array_equal(aligned, sar)  # one grid: the moving image unmoved is the input itself
     strict = _cli("register", sar_path, opt_path, "-o", out, "--overwrite", "--strict", "-q")
     assert strict.returncode == 3
@@ -220,7 +222,7 @@ def test_a_result_worse_than_the_input_is_rejected_unless_forced(tmp_path):
         assert v["status"] == "failed" and v["similarity_after"] < v["similarity_before"] - SIMILARITY_DROP, v
         assert res.median_flow == res.qa["median_flow"] and res.qa["verdict"] == v  # one definition, one verdict
         with rasterio.open(disp) as f, rasterio.open(tmp_path / f"a{force}.tif") as a:
-            flows[force], aligned = f.read(), a.read()
+            flows[force], aligned = f.read([1, 2, 3]), a.read()
         if not force:
             assert res.median_flow == 0.0 and np.array_equal(aligned, sar) and (flows[force] == 0).all()
         else:

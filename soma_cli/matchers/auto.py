@@ -18,8 +18,9 @@ import numpy as np
 from .. import check
 from . import evidence_certainty
 
-#: a tile whose estimated error (median over the tile) exceeds this many pixels is tried with
-#: ``gradient`` too (chosen on T11SMT, docs/register.md)
+#: a tile whose estimated error (:func:`~soma_cli.check.tile_error`) exceeds this many pixels is
+#: tried with ``gradient`` too: on T11SMT, 0.5 px tried twice as many geo chips for no gain
+#: (benchmarks/check_validation.py)
 RETRY_PX = 1.0
 
 
