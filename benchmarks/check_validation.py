@@ -21,6 +21,7 @@ time against the network's.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -165,7 +166,7 @@ def report(records: Path, plot, statistic: str = "mean", retry_px: float = RETRY
     est, true = np.concatenate(all_est), np.concatenate(all_true)
     edges = [0, 0.5, 1, 2, 3, 5, np.inf]
     table = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         m = (est >= lo) & (est < hi)
         table.append({"est_from": lo, "est_to": hi, "chips": int(m.sum()),
                       "mean_true_rmse": float(np.mean(np.minimum(true[m], 50))) if m.any() else None,

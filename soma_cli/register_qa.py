@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def run_meta(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher, sar_scale: str) -> dict:
     """What the QA summary records of the run: inputs, outputs, method, versions, date, settings."""
     weights = None
-    if opts.method == "soma":
+    if opts.method in ("soma", "auto"):
         from .model.loader import default_weights_path
 
         meta = getattr(matcher, "metadata", {}) or {}

@@ -127,8 +127,11 @@ def test_band_4_is_documented():
 
 
 def test_the_verdict_uses_the_estimate():
-    base = dict(coverage=0.8, similarity_before=0.1, similarity_after=0.2)
-    est = lambda med, over3: {"median_px": med, "share_over_1px": 1.0, "share_over_3px": over3}  # noqa: E731
+    base = {"coverage": 0.8, "similarity_before": 0.1, "similarity_after": 0.2}
+
+    def est(med, over3):
+        return {"median_px": med, "share_over_1px": 1.0, "share_over_3px": over3}
+
     assert judge(**base, estimated_error=est(0.3, 0.0))["status"] == "ok"
     assert judge(**base, estimated_error=est(0.3, 0.5))["status"] == "doubtful"
     assert judge(**base, estimated_error=est(1.5, 0.1))["status"] == "doubtful"
@@ -154,7 +157,7 @@ def test_auto_takes_gradient_on_the_tile_where_the_network_fails():
     opt = np.stack([texture(h, w, 1), texture(h, w, 2)])
     valid = np.ones(opt.shape, bool)
     auto = AutoMatcher(Broken(), GradientMatcher(threads=1))
-    flow, cert, est = auto.checked_match(opt, opt.copy(), valid, valid)
+    flow, _, est = auto.checked_match(opt, opt.copy(), valid, valid)
     assert auto.fallback_tiles == 1
     assert np.array_equal(flow[0], np.zeros((2, h, w)))  # the network's right answer is kept
     assert np.nanmedian(np.hypot(*flow[1])) < 0.5  # gradient's: the images are the same

@@ -32,8 +32,8 @@ FLOW_DESCRIPTIONS = (
     "(on the reference grid) at (c + dx, r + dy)",
     "dy: row displacement in reference pixels (see band 1)",
     "certainty of the match, 0..1",
-    "estimated error of the match in reference pixels (the self-consistency check of soma register "
-    "--check: a local median; no data where there is no estimate)",
+    ("estimated error of the match in reference pixels (the self-consistency check of soma register "
+     "--check: a local median; no data where there is no estimate)"),
 )
 FLOW_UNITS = ("pixel", "pixel", "1", "pixel")
 CHUNK = 512  # rows per block of no-data rows and per scratch read

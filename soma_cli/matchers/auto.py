@@ -57,6 +57,11 @@ class AutoMatcher:
         self.min_size = max(int(getattr(m, "min_size", 1)) for m in (network, fallback))
         self.fallback_tiles = 0  # tiles that took the fallback's answer, over the matcher's life
 
+    @property
+    def metadata(self) -> dict:
+        """The network's weights metadata (recorded in the QA summary)."""
+        return getattr(self.network, "metadata", {}) or {}
+
     def match(self, opt, sar, opt_valid=None, sar_valid=None):
         flow, cert, _ = self.checked_match(opt, sar, opt_valid, sar_valid)
         return flow, cert
@@ -67,7 +72,9 @@ class AutoMatcher:
         retry = [i for i, s in enumerate(scores) if needs_fallback(s)]
         if not retry:
             return flow, cert, est
-        sub = lambda a: None if a is None else np.asarray(a)[retry]  # noqa: E731
+        def sub(a):
+            return None if a is None else np.asarray(a)[retry]
+
         f_g, c_g, e_g = check.checked_match(self.fallback, sub(opt), sub(sar), sub(opt_valid), sub(sar_valid))
         c_g = rescale_certainty(c_g, evidence_certainty(self.fallback), self.evidence_certainty)
         flow, cert, est = flow.copy(), cert.copy(), est.copy()
