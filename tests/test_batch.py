@@ -106,9 +106,9 @@ def test_batch_runs_resumes_isolates_failures_and_reports(tmp_path, inputs, clie
         assert r["median_flow"] == pytest.approx(np.hypot(*SHIFT), abs=0.6)
         assert r["similarity_after"] > r["similarity_before"]
         with rasterio.open(out / pid / "flow.tif") as f:
-            assert f.count == 3 and f.crs is not None and (f.width, f.height) == (SIZE, SIZE)
+            assert f.count == 4 and f.crs is not None and (f.width, f.height) == (SIZE, SIZE)
         for png in ("checkerboard_before.png", "checkerboard_after.png", "flow.png", "certainty.png",
-                    "flow_hist.png"):
+                    "estimated_error.png", "flow_hist.png"):
             assert float(imread(out / pid / "qa" / png)[..., :3].var()) > 1e-4, png
     bad = recs["p3"]
     assert bad["status"] == "failed" and "p3_sar.tif" in bad["error"]
