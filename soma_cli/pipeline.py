@@ -4,8 +4,9 @@
                                                                                  -> tie points
 
 Memory is bounded by a strip of rows (about two tiles high) times the scene width, whatever the
-scene size: tiles are matched in row-major order (each recording its evidence) and stitched into
-strips; the strips go to a scratch file.  Once the scene-wide fit of the trusted tiles is known,
+scene size: tiles are matched in row-major order (each recording its evidence and, with the check,
+its estimated error, :mod:`~soma_cli.check`) and stitched into strips; the strips go to a scratch
+file.  Once the scene-wide fit of the trusted tiles is known,
 they are read back and repaired twice: first to measure the applied field (its overview and the
 edge similarity it gives, for the verdict), then to warp and write it, or, when the verdict is
 failed, the moving image unmoved.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
