@@ -10,7 +10,7 @@ F0 and F1 between the matchers, the check's tile errors, and the seconds per pas
 
 ``report``: ROC AUC of the network's estimated error (soma_cli.check.tile_error of F1's check)
 for "relative RMSE > 1 px" and "> 3 px", a calibration table and plot (estimated error bins
-against the mean true error), and ``--method auto`` replayed from the records with the decisions
+against the mean true error, errors capped at 50 px), and ``--method auto`` replayed from the records with the decisions
 of soma_cli.matchers.auto (exactly what AutoMatcher does chip by chip): relative CMR@1/@3 and its
 time against the network's.
 
@@ -164,11 +164,11 @@ def report(records: Path, plot, statistic: str = "mean", retry_px: float = RETRY
             "auto_time_over_network": float(t_auto / t_net),
         }
     est, true = np.concatenate(all_est), np.concatenate(all_true)
-    edges = [0, 0.5, 1, 2, 3, 5, np.inf]
+    edges = [0, 0.25, 0.5, 1, 2, 3, 5, np.inf]
     table = []
     for lo, hi in itertools.pairwise(edges):
         m = (est >= lo) & (est < hi)
-        table.append({"est_from": lo, "est_to": hi, "chips": int(m.sum()),
+        table.append({"est_from": lo, "est_to": hi if np.isfinite(hi) else None, "chips": int(m.sum()),
                       "mean_true_rmse": float(np.mean(np.minimum(true[m], 50))) if m.any() else None,
                       "median_true_rmse": float(np.median(true[m])) if m.any() else None,
                       "share_over_3px": float(np.mean(true[m] > 3)) if m.any() else None})
@@ -184,7 +184,8 @@ def report(records: Path, plot, statistic: str = "mean", retry_px: float = RETRY
             ax.scatter(np.maximum(e, 0.05), np.clip(t, 0.05, 50), s=10, alpha=0.6, label=p)
         ax.plot([0.05, 50], [0.05, 50], "k:", lw=1)
         ax.set(xscale="log", yscale="log", xlabel="estimated error (chip mean, px)",
-               ylabel="true relative RMSE (px)", title="Run-time check vs. truth, network, T11SLT chips")
+               ylabel="true relative RMSE (px)",
+               title=f"Run-time check vs. truth: the network, {len(recs)} chips of {records.stem}")
         ax.legend()
         fig.tight_layout()
         fig.savefig(plot, dpi=110)
