@@ -87,7 +87,7 @@ def register(
         "Write the displacement raster (dx, dy, certainty, and with --check the estimated error)."))] = None,
     tiepoints_out: Annotated[Optional[Path], typer.Option(
         help="Write tie points (a regular grid on the reference: map position, displacement in pixels and "
-             "map units, certainty, reliable flag) to this GeoPackage (.gpkg).")] = None,
+             "map units, certainty, estimated error, reliable flag) to this GeoPackage (.gpkg).")] = None,
     tiepoint_step: Annotated[int, typer.Option(help="Reference pixels between tie points.")] = 64,
     qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = 512,
