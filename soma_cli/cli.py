@@ -77,14 +77,18 @@ def register(
         "Output: the moving image, aligned, on the reference grid (with --mode gcps: on its own grid, "
         "with ground control points)."))],
     reference: Annotated[str, typer.Option(help="Which image is the reference grid: opt or sar.")] = "opt",
-    method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient (training-free) or identity.")] = "soma",
+    method: Annotated[str, typer.Option(help=(
+        "Matcher: soma (the network, default), gradient (training-free), identity, or auto (the network, and "
+        "gradient too on the tiles the check finds unreliable, keeping the answer with the lower estimated "
+        "error)."))] = "soma",
     mode: Annotated[str, typer.Option(
         help="dense: resample with the dense field; affine: one global affine fit; gcps: the moving image's "
              "pixels unchanged with ground control points from the reliable tie points (for gdalwarp -tps).")] = "dense",
-    flow_out: Annotated[Optional[Path], typer.Option(help="Write the displacement raster (dx, dy, certainty).")] = None,
+    flow_out: Annotated[Optional[Path], typer.Option(help=(
+        "Write the displacement raster (dx, dy, certainty, and with --check the estimated error)."))] = None,
     tiepoints_out: Annotated[Optional[Path], typer.Option(
         help="Write tie points (a regular grid on the reference: map position, displacement in pixels and "
-             "map units, certainty, reliable flag) to this GeoPackage (.gpkg).")] = None,
+             "map units, certainty, estimated error, reliable flag) to this GeoPackage (.gpkg).")] = None,
     tiepoint_step: Annotated[int, typer.Option(help="Reference pixels between tie points.")] = 64,
     qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
     tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = DEFAULT_TILE,
@@ -105,14 +109,19 @@ def register(
     repair: Annotated[bool, typer.Option(help="Blend low-certainty outliers towards a smooth, certainty-weighted field.")] = True,
     strict: Annotated[bool, typer.Option(help="Exit with code 3 when the verdict is failed (the outputs are still written).")] = False,
     force: Annotated[bool, typer.Option(help="Apply the registration even when the verdict is failed.")] = False,
+    check: Annotated[bool, typer.Option(help=(
+        "Estimate the error of every tile without ground truth (match again after a known small "
+        "deformation; one more matcher pass, about twice the matching time): band 4 of --flow-out, a QA "
+        "map, the summary and the verdict use it."))] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")] = False,
 ):
     """Co-register a SAR and an optical image; write the moving one aligned on the reference grid.
 
     The displacement raster (--flow-out) is on the reference grid: band 1 dx, band 2 dy in
-    reference pixels, band 3 certainty; reference pixel (c, r) matches the moving image (already on
-    the reference grid) at (c + dx, r + dy).
+    reference pixels, band 3 certainty, band 4 (with --check) the estimated error in reference
+    pixels; reference pixel (c, r) matches the moving image (already on the reference grid) at
+    (c + dx, r + dy).
 
     Tie points (--tiepoints-out) sample that field every --tiepoint-step reference pixels, with map
     coordinates in the reference CRS. --mode gcps keeps the moving image's own pixels and grid and
@@ -130,7 +139,7 @@ def register(
         qa_out=qa_out, tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,
         threads=threads, io_threads=io_threads, bands=parse_bands(bands), sar_band=sar_band, sar_scale=sar_scale,
         resampling=resampling, weights=weights, overwrite=overwrite, cog=cog, repair=repair,
-        tiepoints_out=tiepoints_out, tiepoint_step=tiepoint_step, strict=strict, force=force,
+        tiepoints_out=tiepoints_out, tiepoint_step=tiepoint_step, strict=strict, force=force, check=check,
     )
     failure = None
     with ProgressBar(quiet or json_out, "tiles") as bar:
@@ -168,7 +177,7 @@ def batch_cmd(
         help="Pair glob files by this regex's group 'key' / group 1 / match in the file name "
              "(default: the file name without .tif).")] = None,
     reference: Annotated[str, typer.Option(help="Reference grid: opt or sar.")] = "opt",
-    method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient, identity, ...")] = "soma",
+    method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient, identity, auto, ...")] = "soma",
     mode: Annotated[str, typer.Option(help="dense, affine or gcps (see soma register --help).")] = "dense",
     tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = DEFAULT_TILE,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = DEFAULT_OVERLAP,
@@ -182,6 +191,9 @@ def batch_cmd(
     scheduler: Annotated[Optional[str], typer.Option(
         help="Use an existing Dask cluster, e.g. tcp://host:8786 (paths must be valid on the workers).")] = None,
     strict: Annotated[bool, typer.Option(help="Count a pair whose verdict is failed as a failed pair.")] = False,
+    check: Annotated[bool, typer.Option(help=(
+        "Estimate each pair's error without ground truth (one more matcher pass; see soma register "
+        "--help)."))] = False,
     retry_failed: Annotated[bool, typer.Option(help="Rerun pairs that failed before (default: count them as failed).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Rerun every pair, replacing its outputs.")] = False,
     html: Annotated[bool, typer.Option("--report/--no-report", help="Write OUT_DIR/report.html at the end.")] = True,
@@ -199,7 +211,7 @@ def batch_cmd(
     pairs = collect_pairs(manifest, sar_glob, opt_glob, key_regex)
     options = dict(reference=reference, method=method, mode=mode, tile_size=tile_size, overlap=overlap,
                    batch_size=batch_size, device=device, bands=parse_bands(bands), sar_scale=sar_scale,
-                   weights=weights, strict=strict)
+                   weights=weights, strict=strict, check=check)
     with ProgressBar(quiet, "pairs") as bar:
         result = batch_lib.run_batch(pairs, out_dir, options, workers=workers, scheduler=scheduler,
                                      retry_failed=retry_failed, overwrite=overwrite, progress=bar.update)
@@ -341,7 +353,7 @@ def evaluate_cmd(
     data_dir: Annotated[Path, typer.Argument(
         metavar="DATA", help="Folder with sar/NAME.tif + opt/NAME.tif (co-registered pairs), optional pairs.csv.")],
     protocol: Annotated[str, typer.Option(help="Synthetic deformations: geo (small affine + local field), paper (rotation +-20 deg, shift +-50 px) or both.")] = "geo",
-    method: Annotated[Optional[list[str]], typer.Option(help="Matcher to evaluate (repeatable): soma, gradient, identity, gefolki. Default: soma, gradient, identity.")] = None,
+    method: Annotated[Optional[list[str]], typer.Option(help="Matcher to evaluate (repeatable): soma, gradient, identity, gefolki, auto. Default: soma, gradient, identity.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the deformations (same seed, same deformations on any machine).")] = 0,
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N pairs (after --split).")] = None,
     chip: Annotated[int, typer.Option(help="Chip size in pixels; chips are cut on a non-overlapping grid.")] = 512,

@@ -69,6 +69,10 @@ def print_register_summary(result) -> None:
     t.add_row("evidence", f"certainty >= {result.evidence_certainty:g} on {100 * v['coverage']:.1f} % of the overlap; "
               f"trusted tiles hold {100 * v['trusted_share']:.1f} %")
     t.add_row("edge similarity", f"{v['similarity_before']:.3f} before, {v['similarity_after']:.3f} after")
+    if result.check:
+        c = result.check
+        t.add_row("estimated error", f"median {c['median_px']:.2f} px; {100 * c['share_over_1px']:.1f} % above 1 px, "
+                                     f"{100 * c['share_over_3px']:.1f} % above 3 px (trusted tiles)")
     t.add_row("median |flow|", f"{result.median_flow:.2f} px")
     t.add_row("repaired", f"{100 * result.repaired_share:.1f} % of the pixels (low certainty or outliers)")
     a = result.affine

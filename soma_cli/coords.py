@@ -268,13 +268,14 @@ def affine_flow_points_np(a: np.ndarray, x, y) -> Tuple[np.ndarray, np.ndarray]:
     return m[0, 0] * x + m[0, 1] * y + m[0, 2] - x, m[1, 0] * x + m[1, 1] * y + m[1, 2] - y
 
 
-def invert_match_np(flow: np.ndarray, certainty: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def invert_match_np(flow: np.ndarray, certainty: np.ndarray, *more: np.ndarray) -> Tuple[np.ndarray, ...]:
     """A match found on grid A expressed on grid B (``--reference sar`` with matchers that work on
     the optical grid): A pixel ``q`` matches B at ``q + f(q)``, so B pixel ``p`` matches A at
-    ``p + g(p)`` with ``g`` the inverse field (:func:`invert_flow_np`); the certainty travels with
-    the match (sampled at ``p + g(p)``, nearest edge value beyond the tile)."""
+    ``p + g(p)`` with ``g`` the inverse field (:func:`invert_flow_np`); the certainty, and any
+    ``more`` maps of the match (its estimated error), travel with it (sampled at ``p + g(p)``,
+    nearest edge value beyond the tile).  Returns ``(g, certainty, *more)``."""
     g = invert_flow_np(flow)
-    return g, warp_np(certainty, g, order=1, edge=True)
+    return (g,) + tuple(warp_np(m, g, order=1, edge=True) for m in (certainty,) + more)
 
 
 def corrected_transform(ref_transform: Affine, a: np.ndarray, mov_transform: Affine) -> Affine:

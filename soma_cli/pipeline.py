@@ -4,11 +4,13 @@
                                                                                  -> tie points
 
 Memory is bounded by a strip of rows (about two tiles high) times the scene width, whatever the
-scene size: tiles are matched in row-major order (each recording its evidence) and stitched into
-strips; the strips go to a scratch file.  Once the scene-wide fit of the trusted tiles is known,
-they are read back, repaired and written back in place while the applied field is measured (its
-overview and the edge similarity it gives, for the verdict); then the scratch file is read once
-more to warp and write the field, or, when the verdict is failed, the moving image unmoved.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
+scene size: tiles are matched in row-major order (each recording its evidence and, with the check,
+its estimated error, :mod:`~soma_cli.check`) and stitched into strips; the strips go to a scratch
+file.  Once the scene-wide fit of the trusted tiles is known, they are read back, repaired and
+written back in place while the applied field is measured (its overview and the edge similarity
+it gives, for the verdict); then the scratch file is read once more to warp and write the field,
+or, when the verdict is failed, the moving image unmoved.  Tiles are read ahead, and strips
+warped ahead, in ``io_threads`` threads.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
 :mod:`~soma_cli.tiling`, :mod:`~soma_cli.matchers`, :mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`,
 :mod:`~soma_cli.io.sinks`, :mod:`~soma_cli.register_qa`, :mod:`~soma_cli.verdict`); this module only wires
 them together.
@@ -26,7 +28,7 @@ from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tu
 
 import numpy as np
 
-from . import coords, cpu, preprocess, qa, register_qa, tiling
+from . import check, coords, cpu, preprocess, qa, register_qa, tiling
 from .errors import ConfigError, GeoreferenceError, InputError, OutputError, RegistrationFailed
 from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.sinks import FlowScratch, FlowSink, ImageSink, strip_rows, write_relocated, write_with_gcps
@@ -75,6 +77,7 @@ class RegisterOptions:
     force: bool = False  # apply a registration whose verdict is failed (when there is evidence to apply)
     tiepoints_out: Optional[Path] = None  # GeoPackage of tie points
     tiepoint_step: int = 64  # reference pixels between tie points (and GCPs before thinning)
+    check: bool = False  # estimate the error of every tile (soma_cli.check: one more matcher pass)
 
 
 @dataclass
@@ -101,6 +104,7 @@ class RegisterResult:
     tiepoints: Optional[dict] = None  # {"points", "reliable", "gcps"} when tie points were sampled
     evidence_certainty: float = 0.5
     verdict: Dict[str, object] = field(default_factory=dict)
+    check: Optional[dict] = None  # the estimated error over the trusted tiles (check.summary), with --check
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,12 +191,19 @@ def _check_size(area: tiling.Tile, matcher: Matcher) -> None:
 class _TileMatcher:
     """Reads, prepares and matches batches of tiles of the overlap window; the flow and certainty
     come out on the reference grid, the certainty of tiles without evidence discarded
-    (``evidence``).  With ``tile_rows`` (a list), each tile's QA scores go there."""
+    (``evidence``), and with ``check`` the estimated error (:mod:`soma_cli.check`; else None).
+    With ``tile_rows`` (a list), each tile's QA scores go there."""
 
     def __init__(self, pair: AlignedPair, matcher: Matcher, sar_scale: str, evidence: TileEvidence,
-                 tile_rows: Optional[list]):
+                 tile_rows: Optional[list], check: bool):
         self.pair, self.matcher, self.sar_scale = pair, matcher, sar_scale
-        self.evidence, self.tile_rows = evidence, tile_rows
+        self.evidence, self.tile_rows, self.check = evidence, tile_rows, check
+
+    def _match(self, opt, sar, ov, sv):
+        """Flow, certainty and estimated error (None without the check), on the optical grid."""
+        if self.check:
+            return check.checked_match(self.matcher, opt, sar, ov, sv)
+        return (*self.matcher.match(opt, sar, ov, sv), None)
 
     def read(self, batch: List[tiling.Tile]) -> Tuple[np.ndarray, ...]:
         """The prepared tiles of ``batch``: reference, moving, and their valid masks, each
@@ -209,22 +220,28 @@ class _TileMatcher:
         return tuple(np.stack(a) for a in (refs, movs, rvs, mvs))
 
     def __call__(self, batch: List[tiling.Tile], tiles: Tuple[np.ndarray, ...]):
-        """Match ``batch``, whose :meth:`read` is ``tiles``: flow, certainty and reference valid mask."""
+        """Match ``batch``, whose :meth:`read` is ``tiles``: flow, certainty, reference valid mask and
+        estimated error (None without the check)."""
         ref_is_opt = self.pair.ref_is_optical
         ref, mov, rv, mv = tiles
         if ref_is_opt:
-            flow, cert = self.matcher.match(ref, mov, rv, mv)
+            flow, cert, err = self._match(ref, mov, rv, mv)
         else:  # matchers work on the optical grid: match there, then carry the match onto the SAR grid
-            flow_o, cert_o = self.matcher.match(mov, ref, mv, rv)
-            flow, cert = (np.stack(a) for a in zip(*(coords.invert_match_np(f, c) for f, c in zip(flow_o, cert_o))))
+            flow_o, cert_o, err_o = self._match(mov, ref, mv, rv)
+            maps = [coords.invert_match_np(f, c, *([] if err_o is None else [err_o[i]]))
+                    for i, (f, c) in enumerate(zip(flow_o, cert_o))]
+            flow, cert = np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps])
+            err = None if err_o is None else np.stack([m[2] for m in maps])
         flow = np.asarray(flow, np.float32)
         cert = np.clip(np.asarray(cert, np.float32), 0.0, 1.0) * rv
         cert = np.stack([self.evidence.record(t, c, r & m) for t, c, r, m in zip(batch, cert, rv, mv)])
+        if err is not None:
+            err = np.where(rv, err, np.nan).astype(np.float32)
         if self.tile_rows is not None:
-            self._score(batch, ref, mov, rv, mv, flow, cert)
-        return flow, cert, rv
+            self._score(batch, ref, mov, rv, mv, flow, cert, err)
+        return flow, cert, rv, err
 
-    def _score(self, batch, ref, mov, rv, mv, flow, cert) -> None:
+    def _score(self, batch, ref, mov, rv, mv, flow, cert, err) -> None:
         area = self.pair.area
         first = len(self.evidence.coverage) - len(batch)
         for i, t in enumerate(batch):
@@ -233,7 +250,8 @@ class _TileMatcher:
             scores = qa.tile_scores(np.where(rv[i], ref[i], np.nan), before, after, flow[i], cert[i], rv[i])
             self.tile_rows.append({"row_off": area.row + t.row, "col_off": area.col + t.col,
                                    "height": t.height, "width": t.width, **scores,
-                                   "coverage": self.evidence.coverage[first + i]})
+                                   "coverage": self.evidence.coverage[first + i],
+                                   **({} if err is None else {"est_error": check.tile_error(err[i])})})
 
 
 def _ahead(items: Iterable[T], load: Callable[[T], R], threads: int) -> Iterator[Tuple[T, R]]:
@@ -259,14 +277,14 @@ def _stitched_strips(tiles: List[tiling.Tile], match: _TileMatcher, area: tiling
                      batch_size: int, io_threads: int, progress: Optional[Progress]) -> Iterator[Strip]:
     """Match the tiles row by row in batches, reading the next batches meanwhile in ``io_threads``
     threads; yield the finished strips of the window, in order."""
-    stitcher = StripStitcher(area.height, area.width, overlap)
+    stitcher = StripStitcher(area.height, area.width, overlap, errors=match.check)
     rows = list(tiling.rows_of(tiles))
     batches = [(i, trow[j:j + batch_size]) for i, trow in enumerate(rows) for j in range(0, len(trow), batch_size)]
     done, total = 0, len(tiles)
     for n, ((i, batch), inputs) in enumerate(_ahead(batches, lambda b: match.read(b[1]), io_threads)):
-        flow, cert, rv = match(batch, inputs)
+        flow, cert, rv, err = match(batch, inputs)
         for k, t in enumerate(batch):
-            stitcher.add(t, flow[k], cert[k], rv[k])
+            stitcher.add(t, flow[k], cert[k], rv[k], None if err is None else err[k])
         done += len(batch)
         if progress:
             progress(done, total)
@@ -340,7 +358,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
     level = evidence_certainty(matcher)
     evidence = TileEvidence(area.height, area.width, level)
     tile_rows: Optional[list] = [] if opts.qa_out is not None else None
-    match = _TileMatcher(pair, matcher, sar_scale, evidence, tile_rows)
+    match = _TileMatcher(pair, matcher, sar_scale, evidence, tile_rows, opts.check)
     warper = RowWarper(pair.read_moving_block, pair.moving_count, pair.height, pair.width, area.col,
                        coords.SPLINE_ORDERS[opts.resampling])
     tags = {"SOMA_METHOD": opts.method}
@@ -355,7 +373,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         return log
 
     with ExitStack() as stack:
-        scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width))
+        scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width, opts.check))
         raw = FlowSamples()
         for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, io_threads, progress):
             scratch.write(strip)
@@ -366,11 +384,12 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         affine, stats = log.samples.fit() if scene.prior is not None else (_IDENTITY, _NO_FIT)
         products = register_qa.overview_products(pair, sar_scale, log.overview,
                                                  affine if opts.mode == "affine" else None)
+        checked = check.summary(raw.errors()[raw.trusted_mask()]) if opts.check else None
         verdict = judge(coverage(raw.arrays()[4], level), *qa.scene_similarity(products),
                         log.repaired / max(log.valid_px, 1),
                         # no trusted sample to fit: no tile counts as having evidence
                         evidence.coverage if scene.prior is not None else [0.0] * len(evidence.coverage),
-                        evidence.pixels)
+                        evidence.pixels, checked)
         apply = verdict["status"] != "failed" or (opts.force and scene.prior is not None)
         if verdict["status"] == "failed":
             if apply:
@@ -382,7 +401,8 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
             else None
         flow_sink = None
         if opts.flow_out is not None:
-            flow_sink = stack.enter_context(FlowSink(pair, opts.flow_out, cog=opts.cog, tags=tags))
+            flow_sink = stack.enter_context(FlowSink(pair, opts.flow_out, cog=opts.cog, tags=tags,
+                                                     error_band=opts.check))
         image = stack.enter_context(ImageSink(pair, opts.out, cog=opts.cog, tags=tags)) if opts.mode == "dense" \
             else None
         # the scratch file holds the repaired field now (scene.apply); the next strips are warped in
@@ -416,7 +436,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         qa=register_qa.write_qa(opts, pair, matcher, sar_scale, log.overview, products, affine, tile_rows, verdict)
         if opts.qa_out is not None else None,
         tiepoints_out=str(opts.tiepoints_out) if opts.tiepoints_out else None, tiepoints=tie_summary,
-        verdict=verdict,
+        verdict=verdict, check=checked,
     )
 
 

@@ -48,8 +48,8 @@ from . import coords
 from .atomic import atomic_write, to_jsonable, write_json
 from .errors import OutputError
 from .qa_figures import (
-    CERTAIN, _certainty_figure, _checker_figure, _extent, _finite, _flow_figure, _hist_figure, _hist_summary,
-    _save_fig, alignment_figure, crop_window, input_names,
+    CERTAIN, _certainty_figure, _checker_figure, _error_figure, _extent, _finite, _flow_figure, _hist_figure,
+    _hist_summary, _save_fig, alignment_figure, crop_window, input_names,
 )
 
 DEGRADE_TOL = 0.02
@@ -69,6 +69,7 @@ TILE_FIELDS = (
 )
 
 ALIGNMENT = "alignment.png"  # written when the caller gives a full-resolution crop
+ESTIMATED_ERROR = "estimated_error.png"  # written when the overview has an estimated error
 PRODUCTS = (
     "checkerboard_before.png", "checkerboard_after.png", "flow.png", "certainty.png", "flow_hist.png",
     "tiles.csv", "tiles.json", "summary.json",
@@ -240,6 +241,7 @@ class FlowOverview:
         self.region: Optional[Tuple[int, int, int, int]] = None
         self._flow: List[np.ndarray] = []
         self._cert: List[np.ndarray] = []
+        self._error: List[np.ndarray] = []
         self._region_flow = self._region_cert = None
 
     def add(self, strip) -> None:
@@ -248,6 +250,8 @@ class FlowOverview:
         if rows.size:
             self._flow.append(strip.flow[:, rows, ::self.step])
             self._cert.append(strip.certainty[rows, ::self.step])
+            if strip.error is not None:
+                self._error.append(strip.error[rows, ::self.step])
         if self.region is None:
             self.region = choose_region(self._tile_rows or [], *self.area_shape, self.origin)
             self._region_flow = np.full((2,) + self.region[2:], np.nan, np.float32)
@@ -262,6 +266,11 @@ class FlowOverview:
         """``(flow (2, h, w) in full-resolution pixels, certainty (h, w))`` of the overview."""
         h, w = self.shape
         return (np.concatenate(self._flow, axis=1)[:, :h, :w], np.concatenate(self._cert, axis=0)[:h, :w])
+
+    def errors(self) -> Optional[np.ndarray]:
+        """The estimated error (h, w) of the overview, or None when the strips carried none."""
+        h, w = self.shape
+        return np.concatenate(self._error, axis=0)[:h, :w] if self._error else None
 
     def region_arrays(self):
         """``(flow (2, h, w), certainty (h, w))`` of :attr:`region` at full resolution (NaN where
@@ -296,7 +305,8 @@ def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict], meta
     ``overview``: decimated whole-scene arrays ``ref``, ``mov_before``, ``mov_after`` (float32,
     NaN = nodata), ``flow`` (2, h, w) in full-resolution reference pixels, ``certainty`` (h, w),
     ``scale`` (the decimation factor) and ``origin`` (reference pixel (row, col) of its top left,
-    default (0, 0)). ``tile_rows``: one dict per tile, :func:`tile_scores` plus the window
+    default (0, 0)); optional ``est_error`` (h, w), the estimated error in px
+    (``estimated_error.png``).  ``tile_rows``: one dict per tile, :func:`tile_scores` plus the window
     ``row_off``, ``col_off``, ``height``, ``width``.  ``meta``: the run (inputs, method, versions,
     settings; :func:`soma_cli.pipeline.register` fills it), kept as ``run`` in the summary and
     naming the inputs in the pictures.  ``crop``: a full-resolution region for
@@ -341,6 +351,10 @@ def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict], meta
     _save_fig(_flow_figure(flow_v, cert_v, scale, extent, crop_box), qa_dir / "flow.png")
     _save_fig(_certainty_figure(cert_v, extent, crop_box), qa_dir / "certainty.png")
     _save_fig(_hist_figure(mag, scale), qa_dir / "flow_hist.png")
+    if "est_error" in overview:
+        est = np.where(valid, np.asarray(overview["est_error"], np.float32), np.nan)
+        _save_fig(_error_figure(est, extent, crop_box), qa_dir / ESTIMATED_ERROR)
+        files.insert(files.index("flow_hist.png"), ESTIMATED_ERROR)
 
     rows = flag_outliers(tile_rows)
     fields = list(TILE_FIELDS) + sorted({k for r in rows for k in r} - set(TILE_FIELDS))

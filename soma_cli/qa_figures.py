@@ -1,5 +1,5 @@
 """The pictures of the QA folder (:func:`soma_cli.qa.write_products`), numpy + matplotlib (Agg
-backend): checkerboards, flow, certainty and the |flow| histogram over the decimated overview, and
+backend): checkerboards, flow, certainty, estimated error and the |flow| histogram over the decimated overview, and
 ``alignment.png``, the optical image's edges (:func:`edge_map`) over the SAR image on a
 full-resolution crop. They read in reference pixels (axes, colour bars, histogram).
 """
@@ -209,6 +209,30 @@ def _certainty_figure(certainty: np.ndarray, extent, crop_box):
     ok = np.isfinite(certainty)
     cov = float(np.mean(certainty[ok] > CERTAIN)) if ok.any() else float("nan")
     ax.set_title(f"matcher certainty: {100 * cov:.0f}% of the pixels > {CERTAIN}", fontsize=10)
+    _axes_in_px(ax)
+    return fig
+
+
+ERROR_MAX = 5.0  # px, top of the estimated error's colour bar
+
+
+def _error_figure(error: np.ndarray, extent, crop_box):
+    import matplotlib.pyplot as plt
+
+    fig, ax = _overview_axes(error.shape)
+    cmap = plt.get_cmap("RdYlGn_r")
+    im = ax.imshow(np.ma.masked_invalid(error), cmap=cmap, vmin=0, vmax=ERROR_MAX, interpolation="nearest",
+                   extent=extent)
+    _outline_crop(ax, crop_box)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, extend="max")
+    cb.set_label("estimated error (reference px)")
+    v = error[np.isfinite(error)]
+    if v.size:
+        title = (f"estimated error (self-consistency check): median {np.median(v):.2f} px, "
+                 f"{100 * np.mean(v > 1):.0f}% > 1 px, {100 * np.mean(v > 3):.0f}% > 3 px")
+    else:
+        title = "estimated error (self-consistency check): no estimate"
+    ax.set_title(title, fontsize=10)
     _axes_in_px(ax)
     return fig
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def run_meta(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher, sar_scale: str) -> dict:
     """What the QA summary records of the run: inputs, outputs, method, versions, date, settings."""
     weights = None
-    if opts.method == "soma":
+    if opts.method in ("soma", "auto"):
         from .model.loader import default_weights_path
 
         meta = getattr(matcher, "metadata", {}) or {}
@@ -83,9 +83,13 @@ def overview_products(pair: AlignedPair, sar_scale: str, overview: qa.FlowOvervi
     after = coords.warp_np(np.nan_to_num(mov_g), coords.flow_to_stride_np(np.nan_to_num(flow), s), order=1,
                            cval=np.nan)
     after = np.where(np.isfinite(flow).all(0), after, np.nan)
-    return {"ref": ref_g.astype(np.float32), "mov_before": mov_g.astype(np.float32),
-            "mov_after": after.astype(np.float32), "flow": flow.astype(np.float32),
-            "certainty": cert.astype(np.float32), "scale": s, "origin": (area.row, area.col)}
+    out = {"ref": ref_g.astype(np.float32), "mov_before": mov_g.astype(np.float32),
+           "mov_after": after.astype(np.float32), "flow": flow.astype(np.float32),
+           "certainty": cert.astype(np.float32), "scale": s, "origin": (area.row, area.col)}
+    errors = overview.errors()
+    if errors is not None:
+        out["est_error"] = errors.astype(np.float32)
+    return out
 
 
 def write_qa(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher, sar_scale: str,

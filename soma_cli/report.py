@@ -29,6 +29,9 @@ _IMAGES = (
                   "towards its match in the moving image.")),
     ("certainty.png", ("The matcher's certainty (0 = guess, 1 = sure); with repair on, uncertain outliers "
                        "were blended towards a smooth scene field.")),
+    ("estimated_error.png", ("Estimated error of the match in reference pixels (soma register --check: each tile "
+                             "matched again after a known small deformation); red regions are likely off by "
+                             "more than a pixel or two.")),
     ("checkerboard_before.png", ("Reference (grey) and moving image (orange) in alternating squares, before "
                                  "correction: features should continue across the square borders (overview "
                                  "1:{s}; shifts of a few pixels show in the alignment picture above).")),

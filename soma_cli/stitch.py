@@ -9,7 +9,7 @@ out (``flush``) as soon as no later tile can touch them, so scenes larger than R
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -25,42 +25,40 @@ SAMPLE_STEP = 8  # px between the flow samples kept for the scene-wide fit and t
 @dataclass
 class Strip:
     """Finished rows ``[row0, row0 + flow.shape[1])`` of the area: flow (2,h,W), certainty (h,W)
-    and ``valid`` (h,W) where at least one tile gave an estimate."""
+    and ``valid`` (h,W) where at least one tile gave an estimate; ``error`` (h,W), when the tiles
+    were checked, their estimated error in px (:mod:`soma_cli.check`; NaN where none)."""
 
     row0: int
     flow: np.ndarray
     certainty: np.ndarray
     valid: np.ndarray
+    error: Optional[np.ndarray] = None
 
 
 class StripStitcher:
     """Accumulate row-major tiles; yield finished strips.
 
-    ``add(tile, flow, certainty, weight_mask)``: ``flow`` (2,h,w) and ``certainty`` (h,w) of a tile;
-    the blend weight is the tile's border ramp times ``max(certainty, eps)``, so confident tiles win
-    in overlaps.  ``flush(upto)`` yields all rows ``< upto``; ``finish()`` yields the rest.
+    ``add(tile, flow, certainty, weight_mask, error)``: ``flow`` (2,h,w) and ``certainty`` (h,w) of a
+    tile; the blend weight is the tile's border ramp times ``max(certainty, eps)``, so confident
+    tiles win in overlaps.  With ``errors``, each tile also brings its estimated error (h,w; NaN
+    where none), blended with the same weights over the tiles that have one.  ``flush(upto)``
+    yields all rows ``< upto``; ``finish()`` yields the rest.
     """
 
-    def __init__(self, height: int, width: int, overlap: int, eps: float = 1e-3):
+    def __init__(self, height: int, width: int, overlap: int, eps: float = 1e-3, errors: bool = False):
         self.height, self.width, self.overlap, self.eps = height, width, overlap, eps
         self.row0 = 0  # first row held in the buffer
-        self._alloc(0)
-
-    def _alloc(self, rows: int) -> None:
-        self.acc = np.zeros((2, rows, self.width), np.float64)
-        self.cacc = np.zeros((rows, self.width), np.float64)
-        self.wsum = np.zeros((rows, self.width), np.float64)
+        # accumulators, each (rows, width) per channel: flow (2), certainty, weight, and with
+        # ``errors`` the weighted error and the weight of the tiles with an error
+        self.acc = np.zeros((6 if errors else 4, 0, width), np.float64)
 
     def _ensure(self, last_row: int) -> None:
-        need = last_row - self.row0
-        have = self.wsum.shape[0]
-        if need > have:
-            extra = need - have
-            self.acc = np.concatenate([self.acc, np.zeros((2, extra, self.width))], axis=1)
-            self.cacc = np.concatenate([self.cacc, np.zeros((extra, self.width))], axis=0)
-            self.wsum = np.concatenate([self.wsum, np.zeros((extra, self.width))], axis=0)
+        extra = last_row - self.row0 - self.acc.shape[1]
+        if extra > 0:
+            self.acc = np.concatenate([self.acc, np.zeros((self.acc.shape[0], extra, self.width))], axis=1)
 
-    def add(self, tile: Tile, flow: np.ndarray, certainty: np.ndarray, mask: Optional[np.ndarray] = None) -> None:
+    def add(self, tile: Tile, flow: np.ndarray, certainty: np.ndarray, mask: Optional[np.ndarray] = None,
+            error: Optional[np.ndarray] = None) -> None:
         if tile.row < self.row0:
             raise ValueError("tiles must arrive in row-major order")
         self._ensure(tile.row + tile.height)
@@ -69,11 +67,14 @@ class StripStitcher:
         if mask is not None:
             ok &= mask
         w = np.where(ok, w, 0.0)
-        r = slice(tile.row - self.row0, tile.row - self.row0 + tile.height)
-        c = tile.cols
-        self.acc[:, r, c] += np.where(ok, flow, 0.0) * w
-        self.cacc[r, c] += np.where(ok, certainty, 0.0) * w
-        self.wsum[r, c] += w
+        acc = self.acc[:, tile.row - self.row0:tile.row - self.row0 + tile.height, tile.cols]
+        acc[:2] += np.where(ok, flow, 0.0) * w
+        acc[2] += np.where(ok, certainty, 0.0) * w
+        acc[3] += w
+        if len(acc) > 4:
+            we = np.where(np.isfinite(error), w, 0.0)
+            acc[4] += np.nan_to_num(error) * we
+            acc[5] += we
 
     def flush(self, upto: int) -> Iterator[Strip]:
         upto = min(upto, self.height)
@@ -81,21 +82,25 @@ class StripStitcher:
         if n <= 0:
             return
         self._ensure(upto)
-        ws = self.wsum[:n]
-        valid = ws > 0
-        safe = np.where(valid, ws, 1.0)
+        acc = self.acc[:, :n]
+        valid = acc[3] > 0
+        safe = np.where(valid, acc[3], 1.0)
         # divided straight into float32 (each value rounded once, as a float64 quotient would be):
         # no strip-sized float64 temporaries, which would dominate memory on a wide scene
         flow = np.empty((2, n, self.width), np.float32)
-        np.divide(self.acc[:, :n], safe, out=flow, casting="same_kind")
+        np.divide(acc[:2], safe, out=flow, casting="same_kind")
         flow[:, ~valid] = np.nan
         cert = np.empty((n, self.width), np.float32)
-        np.divide(self.cacc[:n], safe, out=cert, casting="same_kind")
+        np.divide(acc[2], safe, out=cert, casting="same_kind")
         cert[~valid] = 0.0
-        yield Strip(self.row0, flow, cert, valid)
+        error = None
+        if len(acc) > 4:
+            has = valid & (acc[5] > 0)
+            error = np.empty((n, self.width), np.float32)
+            np.divide(acc[4], np.where(has, acc[5], 1.0), out=error, casting="same_kind")
+            error[~has] = np.nan
+        yield Strip(self.row0, flow, cert, valid, error)
         self.acc = self.acc[:, n:].copy()
-        self.cacc = self.cacc[n:].copy()
-        self.wsum = self.wsum[n:].copy()
         self.row0 = upto
 
     def finish(self) -> Iterator[Strip]:
@@ -107,7 +112,7 @@ class FlowSamples:
     """Flow samples every :data:`SAMPLE_STEP` pixels (absolute reference pixels), gathered strip by
     strip, for the scene-wide affine fit, the repair prior and the run summary.  Each sample
     remembers whether it lies in a trusted tile (one with evidence, :mod:`soma_cli.verdict`): the
-    fit uses those only."""
+    fit uses those only; and its estimated error, when the strips carry one."""
 
     x: List[np.ndarray] = field(default_factory=list)
     y: List[np.ndarray] = field(default_factory=list)
@@ -115,6 +120,7 @@ class FlowSamples:
     dy: List[np.ndarray] = field(default_factory=list)
     cert: List[np.ndarray] = field(default_factory=list)
     trusted: List[np.ndarray] = field(default_factory=list)
+    error: List[np.ndarray] = field(default_factory=list)
 
     def add(self, strip: Strip, row_abs0: int, col_abs0: int, trusted: Optional[np.ndarray] = None) -> None:
         """Sample a strip of an area whose origin is absolute pixel ``(col_abs0, row_abs0)``;
@@ -130,11 +136,17 @@ class FlowSamples:
         self.x.append(xx[ok]), self.y.append(yy[ok]), self.dx.append(f[0][ok]), self.dy.append(f[1][ok])
         self.cert.append(c[ok])
         self.trusted.append(np.ones(int(ok.sum()), bool) if trusted is None else trusted[rows, ::SAMPLE_STEP][ok])
+        self.error.append(np.full(int(ok.sum()), np.nan, np.float32) if strip.error is None
+                          else strip.error[rows, ::SAMPLE_STEP][ok])
 
     def arrays(self) -> Tuple[np.ndarray, ...]:
         """``(x, y, dx, dy, certainty)`` of every sample."""
         cat = lambda a: np.concatenate(a) if a else np.zeros(0)  # noqa: E731
         return cat(self.x), cat(self.y), cat(self.dx), cat(self.dy), cat(self.cert)
+
+    def errors(self) -> np.ndarray:
+        """Per sample (in :meth:`arrays` order): its estimated error (NaN where none)."""
+        return np.concatenate(self.error) if self.error else np.zeros(0, np.float32)
 
     def trusted_mask(self) -> np.ndarray:
         """Per sample (in :meth:`arrays` order): does it lie in a trusted tile?"""
@@ -222,7 +234,7 @@ class FlowPrior:
         wgt = np.where((dev > max_dev) & (c < trust_cert), 0.0, wgt)
         wgt = np.where(np.isfinite(dev), wgt, 1.0)
         out = np.where(strip.valid, wgt * np.nan_to_num(f) + (1 - wgt) * prior, np.nan).astype(np.float32)
-        return Strip(strip.row0, out, (c * wgt).astype(np.float32), strip.valid)
+        return replace(strip, flow=out, certainty=(c * wgt).astype(np.float32))
 
     def fill(self, strip: Strip, row_abs: int, col_abs: int) -> Strip:
         """Only the pixels without any certainty (the tiles without evidence among them) take the
@@ -231,4 +243,4 @@ class FlowPrior:
         if not none.any():
             return strip
         prior = self.field(row_abs, col_abs, strip.flow.shape[1], strip.flow.shape[2])
-        return Strip(strip.row0, np.where(none, prior, strip.flow).astype(np.float32), strip.certainty, strip.valid)
+        return replace(strip, flow=np.where(none, prior, strip.flow).astype(np.float32))

@@ -118,23 +118,24 @@ class TiePointSampler:
         dx, dy = strip.flow[0][grid], strip.flow[1][grid]
         ok = strip.valid[grid] & np.isfinite(dx) & np.isfinite(dy)
         rr, cc = np.meshgrid(rows + row_abs, self._cols + self.area.col, indexing="ij")
-        self._parts.append((cc[ok], rr[ok], dx[ok], dy[ok], strip.certainty[grid][ok]))
+        err = np.full(int(ok.sum()), np.nan, np.float32) if strip.error is None else strip.error[grid][ok]
+        self._parts.append((cc[ok], rr[ok], dx[ok], dy[ok], strip.certainty[grid][ok], err))
 
     def table(self, transform) -> TiePoints:
         """The points gathered so far, in map coordinates of the reference geotransform ``transform``.
 
-        The strips carry no per-pixel error estimate, so ``est_error`` is NaN (NULL in the file)
-        and reliability rests on the certainty alone."""
+        ``est_error`` is the strips' estimated error (:mod:`soma_cli.check`), NaN (NULL in the
+        file) where they carry none; reliability then rests on the certainty alone."""
         if self._parts:
-            col, row, dx, dy, cert = (np.concatenate(a) for a in zip(*self._parts))
+            col, row, dx, dy, cert, err = (np.concatenate(a) for a in zip(*self._parts))
         else:
             col = row = np.zeros(0, np.int64)
-            dx = dy = cert = np.zeros(0, np.float32)
+            dx = dy = cert = err = np.zeros(0, np.float32)
         col, row = col.astype(np.int64), row.astype(np.int64)
         dx, dy = dx.astype(np.float64), dy.astype(np.float64)
         x, y = coords.pixel_to_map(transform, col, row)
         mx, my = coords.pixel_to_map(transform, col + dx, row + dy)
-        est_error = np.full(col.size, np.nan)
+        est_error = err.astype(np.float64)
         reliable = (cert >= self.evidence) & ~(est_error > RELIABLE_ERROR_PX)
         return TiePoints(self.step, np.arange(1, col.size + 1, dtype=np.int64), col, row, x, y, dx, dy,
                          mx - x, my - y, cert.astype(np.float64), est_error, reliable)

@@ -36,12 +36,16 @@ Verdict
 * the edge similarity after registration (:func:`soma_cli.qa.gradient_nccs`: NCC of the
   gradient magnitudes of reference and moving image) is below the input's by more than
   :data:`SIMILARITY_DROP`: the result is worse than doing nothing;
+* with the error estimate (:mod:`soma_cli.check`), its median over the trusted tiles exceeds
+  :data:`ERROR_FAILED_PX`: the matcher's answer is not even consistent with itself;
 
 ``doubtful`` when any of
 
 * the coverage is under :data:`COVERAGE_DOUBTFUL`;
 * some tiles had no evidence and followed the trusted fit;
 * more than :data:`REPAIRED_DOUBTFUL` of the pixels were repaired towards the scene prior;
+* with the error estimate, its median over the trusted tiles exceeds :data:`ERROR_DOUBTFUL_PX`, or
+  more than :data:`OVER_3PX_DOUBTFUL` of them are estimated above 3 px (blocks of large errors);
 
 ``ok`` otherwise.  The thresholds were chosen on T11SMT (the first six pairs) and checked on the
 held-out tile T11SLT; docs/register.md gives the numbers.
@@ -71,6 +75,16 @@ SIMILARITY_DROP = 0.01
 #: T11SMT the gradient matcher repaired 14-69 % of correct chips and 58-82 % of wrong ones; the
 #: network, none)
 REPAIRED_DOUBTFUL = 0.6
+#: a median estimated error above this fails the scene: on T11SMT (the network, 32 chips of 512 px
+#: under the geo and paper deformations) all 5 cases above it were wrong by more than 3 px (relative
+#: RMSE), and none of the 46 right within 1 px was above it
+ERROR_FAILED_PX = 3.0
+#: a median estimated error above this makes the scene doubtful: 8 of the 9 such cases on T11SMT
+#: were wrong by more than 3 px, 1 was right within 1 px
+ERROR_DOUBTFUL_PX = 1.0
+#: a larger share of the trusted pixels estimated above 3 px makes the scene doubtful (on T11SMT, 8
+#: of the 9 such cases were wrong by more than 3 px)
+OVER_3PX_DOUBTFUL = 0.25
 
 STATUSES = ("ok", "doubtful", "failed")
 
@@ -119,7 +133,8 @@ def _pct(share: float) -> str:
 
 
 def judge(coverage: float, similarity_before: float, similarity_after: float, repaired_share: float = 0.0,
-          tile_coverage: Sequence[float] = (), tile_pixels: Optional[Sequence[int]] = None) -> Dict[str, object]:
+          tile_coverage: Sequence[float] = (), tile_pixels: Optional[Sequence[int]] = None,
+          estimated_error: Optional[Dict[str, float]] = None) -> Dict[str, object]:
     """The verdict (rules in the module docstring) on a registration described by
 
     ``coverage``            share of the overlap with evidence (in trusted tiles);
@@ -128,11 +143,13 @@ def judge(coverage: float, similarity_before: float, similarity_after: float, re
                             the rule is skipped);
     ``repaired_share``      share of the pixels repaired towards the scene prior;
     ``tile_coverage``       per tile, the share of its valid pixels with evidence (empty: one tile
-                            with ``coverage``), ``tile_pixels`` its valid pixels (default: equal).
+                            with ``coverage``), ``tile_pixels`` its valid pixels (default: equal);
+    ``estimated_error``     :func:`soma_cli.check.summary` over the trusted tiles (None: no check;
+                            NaN statistics: no estimate, the rules are skipped).
 
     Returns ``status``, ``reason`` (one line: every rule that fired, or what makes it ok) and the
     statistics: ``coverage``, ``trusted_share``, ``similarity_before``, ``similarity_after``,
-    ``repaired_share``, ``tiles``, ``tile_failures``.
+    ``repaired_share``, ``tiles``, ``tile_failures``, and ``estimated_error`` as given (when given).
     """
     cov_t = np.asarray(tile_coverage if len(tile_coverage) else [coverage], np.float64)
     px = np.ones_like(cov_t) if tile_pixels is None else np.asarray(tile_pixels, np.float64)
@@ -157,6 +174,12 @@ def judge(coverage: float, similarity_before: float, similarity_after: float, re
                         f"{_pct(trusted_share)}")
     if repaired_share > REPAIRED_DOUBTFUL:
         doubtful.append(f"{_pct(repaired_share)} of the flow repaired towards the scene prior")
+    med = float((estimated_error or {}).get("median_px", math.nan))
+    over3 = float((estimated_error or {}).get("share_over_3px", math.nan))
+    if trusted.any() and med > ERROR_FAILED_PX:
+        failed.append(f"estimated error {med:.2f} px (median over the trusted tiles)")
+    elif trusted.any() and (med > ERROR_DOUBTFUL_PX or over3 > OVER_3PX_DOUBTFUL):
+        doubtful.append(f"estimated error {med:.2f} px (median), {_pct(over3)} of the trusted tiles above 3 px")
     status = "failed" if failed else "doubtful" if doubtful else "ok"
     if failed or doubtful:
         reason = "; ".join(failed + doubtful)
@@ -166,4 +189,5 @@ def judge(coverage: float, similarity_before: float, similarity_after: float, re
                    else ", no edges to compare")
     return {"status": status, "reason": reason, "coverage": float(coverage), "trusted_share": trusted_share,
             "similarity_before": sb, "similarity_after": sa, "repaired_share": float(repaired_share),
-            "tiles": int(scored.sum()), "tile_failures": failures}
+            "tiles": int(scored.sum()), "tile_failures": failures,
+            **({} if estimated_error is None else {"estimated_error": estimated_error})}

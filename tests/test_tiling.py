@@ -63,7 +63,7 @@ def test_strip_stitcher_blends_and_streams_with_bounded_memory():
         for t in trow:
             f = np.stack([truth_x[t.rows, t.cols], np.full((t.height, t.width), 2.0, np.float32)])
             st.add(t, f, np.ones((t.height, t.width), np.float32))
-        max_buffer = max(max_buffer, st.wsum.shape[0])
+        max_buffer = max(max_buffer, st.acc.shape[1])
         upto = rows[i + 1][0].row if i + 1 < len(rows) else h
         for s in st.flush(upto):
             n = s.flow.shape[1]

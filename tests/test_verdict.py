@@ -105,15 +105,17 @@ def test_unrelated_content_is_failed_and_left_unmoved(tmp_path, unrelated):
     --strict (one line, after the outputs are written)."""
     sar_path, opt_path, sar = unrelated
     out, disp = tmp_path / "aligned.tif", tmp_path / "disp.tif"
-    proc = _cli("register", sar_path, opt_path, "-o", out, "--flow-out", disp, "--json")
+    proc = _cli("register", sar_path, opt_path, "-o", out, "--flow-out", disp, "--json", "--check")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["verdict"]["status"] == "failed" and summary["verdict"]["reason"].startswith("no evidence")
     assert summary["median_flow"] == 0.0 and summary["verdict"]["trusted_share"] == 0.0
     with rasterio.open(disp) as f, rasterio.open(out) as a:
-        fl = f.read()
+        fl = f.read([1, 2, 3])
+        err = f.read(4)
         aligned = a.read()
     assert (fl == 0).all()  # the whole reference is the overlap: dx, dy and certainty 0 everywhere
+    assert (err == f.nodata).all()  # the zero field written is not the matcher's: no error estimate
     assert np.array_equal(aligned, sar)  # one grid: the moving image unmoved is the input itself
     strict = _cli("register", sar_path, opt_path, "-o", out, "--overwrite", "--strict", "-q")
     assert strict.returncode == 3
@@ -140,7 +142,8 @@ def test_trusted_half_registers_and_the_rest_follows_its_fit(tmp_path, shared_da
     for name, o in (("real", opt), ("half", half)):
         disp = tmp_path / f"{name}_disp.tif"
         results[name] = register(RegisterOptions(sar=s, opt=_write(tmp_path / f"{name}.tif", o, t, crs),
-                                                 out=tmp_path / f"{name}_out.tif", flow_out=disp, overlap=0))
+                                                 out=tmp_path / f"{name}_out.tif", flow_out=disp, overlap=0,
+                                                 threads=1))  # one thread count for both runs: same sums
         with rasterio.open(disp) as f:
             flows[name] = f.read()
     v = results["half"].verdict
@@ -220,7 +223,7 @@ def test_a_result_worse_than_the_input_is_rejected_unless_forced(tmp_path):
         assert v["status"] == "failed" and v["similarity_after"] < v["similarity_before"] - SIMILARITY_DROP, v
         assert res.median_flow == res.qa["median_flow"] and res.qa["verdict"] == v  # one definition, one verdict
         with rasterio.open(disp) as f, rasterio.open(tmp_path / f"a{force}.tif") as a:
-            flows[force], aligned = f.read(), a.read()
+            flows[force], aligned = f.read([1, 2, 3]), a.read()
         if not force:
             assert res.median_flow == 0.0 and np.array_equal(aligned, sar) and (flows[force] == 0).all()
         else:

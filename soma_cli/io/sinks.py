@@ -32,8 +32,10 @@ FLOW_DESCRIPTIONS = (
     "(on the reference grid) at (c + dx, r + dy)",
     "dy: row displacement in reference pixels (see band 1)",
     "certainty of the match, 0..1",
+    ("estimated error of the match in reference pixels (the self-consistency check of soma register "
+     "--check: a local median; no data where there is no estimate)"),
 )
-FLOW_UNITS = ("pixel", "pixel", "1")
+FLOW_UNITS = ("pixel", "pixel", "1", "pixel")
 #: Pixels per strip read back from the scratch file (and per block of no-data rows): strips of a
 #: wide scene are lower, so that the memory of the passes after matching does not grow with it.
 STRIP_PIXELS = 1 << 21
@@ -135,18 +137,23 @@ class ImageSink(_RowSink):
 
 
 class FlowSink(_RowSink):
-    """The displacement raster (band 1 dx, band 2 dy in reference pixels, band 3 certainty; float32,
-    :data:`FLOW_NODATA` where there is no estimate) on the reference grid."""
+    """The displacement raster (band 1 dx, band 2 dy in reference pixels, band 3 certainty, and with
+    ``error_band`` band 4 the estimated error in reference pixels; float32, :data:`FLOW_NODATA`
+    where there is no estimate) on the reference grid."""
 
-    def __init__(self, pair: AlignedPair, dest: Path, cog: bool = False, tags: Optional[dict] = None):
-        prof = dict(driver="GTiff", width=pair.width, height=pair.height, count=3, dtype="float32",
+    def __init__(self, pair: AlignedPair, dest: Path, cog: bool = False, tags: Optional[dict] = None,
+                 error_band: bool = False):
+        self.count = 4 if error_band else 3
+        prof = dict(driver="GTiff", width=pair.width, height=pair.height, count=self.count, dtype="float32",
                     crs=pair.ref.crs, transform=pair.ref.transform, nodata=FLOW_NODATA)
         self.col0 = pair.area.col
-        super().__init__(dest, prof, cog=cog, descriptions=FLOW_DESCRIPTIONS, units=FLOW_UNITS,
+        super().__init__(dest, prof, cog=cog, descriptions=FLOW_DESCRIPTIONS[:self.count],
+                         units=FLOW_UNITS[:self.count],
                          tags={"SOMA_CONVENTION": FLOW_DESCRIPTIONS[0], **(tags or {})})
 
     def write(self, strip: Strip, row_abs: int) -> None:
-        """A strip of the overlap window (its columns start at the window's), from row ``row_abs``."""
+        """A strip of the overlap window (its columns start at the window's), from row ``row_abs``;
+        band 4 is no data where the strip has no error estimate."""
         h = strip.flow.shape[1]
         out = self._blank(h)
         sl = slice(self.col0, self.col0 + strip.flow.shape[2])
@@ -154,23 +161,25 @@ class FlowSink(_RowSink):
         out[0, :, sl] = np.where(v, strip.flow[0], FLOW_NODATA)
         out[1, :, sl] = np.where(v, strip.flow[1], FLOW_NODATA)
         out[2, :, sl] = np.where(v, strip.certainty, FLOW_NODATA)
+        if self.count == 4 and strip.error is not None:
+            out[3, :, sl] = np.where(v & np.isfinite(strip.error), strip.error, FLOW_NODATA)
         self._put(out, row_abs, h)
 
     def _blank(self, h: int) -> np.ndarray:
-        return np.full((3, h, self.width), FLOW_NODATA, np.float32)
+        return np.full((self.count, h, self.width), FLOW_NODATA, np.float32)
 
     def _write(self, rows: np.ndarray, row_abs: int) -> None:
         self.dst.write(rows, window=Window(0, row_abs, self.width, rows.shape[1]))
 
 
 class FlowScratch:
-    """A window-sized scratch copy of the stitched flow (dx, dy, certainty; NaN where no tile gave
-    an estimate) in ``folder``, so that the flow can be read again after a scene-wide fit without
-    holding it in memory; always deleted."""
+    """A window-sized scratch copy of the stitched flow (dx, dy, certainty, and with ``errors`` the
+    estimated error; NaN where no tile gave an estimate) in ``folder``, so that the flow can be read
+    again after a scene-wide fit without holding it in memory; always deleted."""
 
-    def __init__(self, folder: Path, height: int, width: int):
-        self.height, self.width = height, width
-        self._ctx = scratch_raster(Path(folder), width, height, 3)
+    def __init__(self, folder: Path, height: int, width: int, errors: bool = False):
+        self.height, self.width, self.errors = height, width, errors
+        self._ctx = scratch_raster(Path(folder), width, height, 4 if errors else 3)
         self.ds = None
 
     def __enter__(self) -> "FlowScratch":
@@ -181,7 +190,8 @@ class FlowScratch:
         return self._ctx.__exit__(exc_type, exc, tb)
 
     def write(self, strip: Strip) -> None:
-        data = np.concatenate([strip.flow, strip.certainty[None]]).astype(np.float32, copy=False)
+        bands = [strip.flow, strip.certainty[None]] + ([strip.error[None]] if self.errors else [])
+        data = np.concatenate(bands).astype(np.float32, copy=False)
         data[:, ~strip.valid] = np.nan
         self.ds.write(data, window=Window(0, strip.row0, data.shape[2], data.shape[1]))
 
@@ -190,7 +200,8 @@ class FlowScratch:
         rows = strip_rows(self.width)
         for a in range(0, self.height, rows):
             data = self.ds.read(window=Window(0, a, self.width, min(rows, self.height - a)))
-            yield Strip(a, data[:2], np.nan_to_num(data[2]), np.isfinite(data).all(0))
+            yield Strip(a, data[:2], np.nan_to_num(data[2]), np.isfinite(data[:3]).all(0),
+                        data[3] if self.errors else None)
 
 
 def _copy_moving(pair: AlignedPair, dest: Path, profile: dict, cog: bool, tags: Optional[dict], gcps=None) -> None:

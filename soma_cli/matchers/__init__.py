@@ -11,7 +11,10 @@ The contract (RoMa-style: images in, warp and certainty out)::
                       (c, r) matches the SAR tile at (c + dx, r + dy).
     certainty         float32 (B, H, W) in [0, 1].
 
-Matchers are built by :func:`get_matcher` from a name (``gradient``, ``soma``, ``identity``, ...).
+Matchers are built by :func:`get_matcher` from a name (``gradient``, ``soma``, ``identity``, ``auto``,
+...).  A matcher may also offer ``checked_match(opt, sar, opt_valid, sar_valid) -> (flow, certainty,
+estimated error)`` when it checks its answers as it matches (``auto``); :func:`soma_cli.check.checked_match`
+uses it instead of checking again.
 
 A matcher may set, depending on what its certainty means (the network's is calibrated as the
 probability of being within 1 px):
@@ -73,7 +76,7 @@ class IdentityMatcher:
         return np.zeros((b, 2, h, w), np.float32), np.ones((b, h, w), np.float32)
 
 
-MATCHERS = ("soma", "gradient", "identity", "gefolki")
+MATCHERS = ("soma", "gradient", "identity", "gefolki", "auto")
 #: The options :func:`get_matcher` takes; a matcher ignores those that do not apply to it.
 OPTIONS = ("weights", "device", "batch_size", "threads")
 
@@ -104,6 +107,10 @@ def get_matcher(name: str, **options) -> Matcher:
 
         return SomaMatcher(weights=options.get("weights"), device=options.get("device") or "auto",
                            batch_size=options.get("batch_size") or 4, threads=threads)
+    if name == "auto":
+        from .auto import AutoMatcher
+
+        return AutoMatcher(get_matcher("soma", **options), get_matcher("gradient", **options))
     if name == "gefolki":
         from .gefolki import GefolkiMatcher
 
