@@ -1,6 +1,6 @@
 """Time one 512 px tile through a TorchScript weights file, as `soma register` runs it.
 
-    python benchmarks/tile_speed.py ../shared/data/s1s2_calif --weights weights/soma-0.11.0.pt [--weights OTHER.pt]
+    python benchmarks/tile_speed.py ../shared/data/s1s2_calif --weights weights/soma-0.12.0.pt [--weights OTHER.pt]
         [--split T11SMT] [--pair 3] [--threads 2] [--repeats 6] [--no-allocator-tuning]
 
 Loads each file with the project's loader, takes the first 512 px chip of one pair (the optical

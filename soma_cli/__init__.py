@@ -1,3 +1,3 @@
 """SOMA: sub-pixel SAR <-> optical co-registration."""
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"

@@ -256,6 +256,7 @@ def run_batch(
         raise ConfigError("--workers must be at least 1")
     base = check_options(dict(options or {}), "batch options")
     base.setdefault("threads", 1)
+    base.setdefault("io_threads", 0)  # the workers already keep every core busy
     _claim_out_dir(out_dir, overwrite)
     log = out_dir / RUNLOG
     run_id = _now()

@@ -23,6 +23,7 @@ from .console import ProgressBar, err_console, print_batch_table, print_register
 from .errors import SomaError
 from .interrupt import run_interruptibly, worker_running
 from .preprocess import parse_bands
+from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 app = typer.Typer(
     name="soma",
@@ -90,11 +91,14 @@ def register(
              "map units, certainty, estimated error, reliable flag) to this GeoPackage (.gpkg).")] = None,
     tiepoint_step: Annotated[int, typer.Option(help="Reference pixels between tie points.")] = 64,
     qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
-    tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = 512,
-    overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = 128,
+    tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = DEFAULT_TILE,
+    overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = DEFAULT_OVERLAP,
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the network.")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        help="CPU threads for the network (default: the cores other processes leave free).")] = None,
+    io_threads: Annotated[Optional[int], typer.Option(
+        min=0, help="Threads that read and warp beside the matcher (default: one per 4 cores, 1 to 4; 0: none).")] = None,
     bands: Annotated[Optional[str], typer.Option(help="Optical bands to use, 1-based, e.g. 4,3,2.")] = None,
     sar_band: Annotated[int, typer.Option(help="SAR band to use, 1-based.")] = 1,
     sar_scale: Annotated[str, typer.Option(help="SAR values: auto, db, amplitude or intensity.")] = "auto",
@@ -133,7 +137,7 @@ def register(
     opts = RegisterOptions(
         sar=sar, opt=opt, out=out, reference=reference, method=method, mode=mode, flow_out=flow_out,
         qa_out=qa_out, tile_size=tile_size, overlap=overlap, batch_size=batch_size, device=device,
-        threads=threads, bands=parse_bands(bands), sar_band=sar_band, sar_scale=sar_scale,
+        threads=threads, io_threads=io_threads, bands=parse_bands(bands), sar_band=sar_band, sar_scale=sar_scale,
         resampling=resampling, weights=weights, overwrite=overwrite, cog=cog, repair=repair,
         tiepoints_out=tiepoints_out, tiepoint_step=tiepoint_step, strict=strict, force=force, check=check,
     )
@@ -175,8 +179,8 @@ def batch_cmd(
     reference: Annotated[str, typer.Option(help="Reference grid: opt or sar.")] = "opt",
     method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient, identity, auto, ...")] = "soma",
     mode: Annotated[str, typer.Option(help="dense, affine or gcps (see soma register --help).")] = "dense",
-    tile_size: Annotated[int, typer.Option(help="Tile size in pixels.")] = 512,
-    overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = 128,
+    tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = DEFAULT_TILE,
+    overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = DEFAULT_OVERLAP,
     batch_size: Annotated[int, typer.Option(help="Tiles per matcher call.")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (on the workers).")] = "auto",
     bands: Annotated[Optional[str], typer.Option(help="Optical bands, 1-based, e.g. 4,3,2.")] = None,

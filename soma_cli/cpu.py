@@ -67,3 +67,10 @@ class CpuShare:
             return 1
         free = self.cores - self.others_busy()
         return int(min(self.cores, max(1, round(free))))
+
+
+def io_threads() -> int:
+    """Default threads that read and warp beside the matcher (``--io-threads``): one per four
+    usable cores, from 1 to 4 (reading and warping a tile takes a few percent of matching it on
+    the CPU, but on a GPU they are most of the work)."""
+    return max(1, min(4, usable_cores() // 4))

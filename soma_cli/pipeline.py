@@ -7,9 +7,9 @@ Memory is bounded by a strip of rows (about two tiles high) times the scene widt
 scene size: tiles are matched in row-major order (each recording its evidence and, with the check,
 its estimated error, :mod:`~soma_cli.check`) and stitched into strips; the strips go to a scratch
 file.  Once the scene-wide fit of the trusted tiles is known,
-they are read back and repaired twice: first to measure the applied field (its overview and the
-edge similarity it gives, for the verdict), then to warp and write it, or, when the verdict is
-failed, the moving image unmoved.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
+they are read back, repaired and written back in place while the applied field is measured (its
+overview and the edge similarity it gives, for the verdict); then the scratch file is read once
+more to warp and write the field, or, when the verdict is failed, the moving image unmoved.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
 :mod:`~soma_cli.tiling`, :mod:`~soma_cli.matchers`, :mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`,
 :mod:`~soma_cli.io.sinks`, :mod:`~soma_cli.register_qa`, :mod:`~soma_cli.verdict`); this module only wires
 them together.
@@ -18,17 +18,19 @@ them together.
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import numpy as np
 
-from . import check, coords, preprocess, qa, register_qa, tiling
+from . import check, coords, cpu, preprocess, qa, register_qa, tiling
 from .errors import ConfigError, GeoreferenceError, InputError, OutputError, RegistrationFailed
 from .io.pair import AlignedPair, gdal_env, open_pair
-from .io.sinks import CHUNK, FlowScratch, FlowSink, ImageSink, write_relocated, write_with_gcps
+from .io.sinks import FlowScratch, FlowSink, ImageSink, strip_rows, write_relocated, write_with_gcps
 from .io.tiepoints import write_tiepoints
 from .io.write import check_output
 from .matchers import Matcher, evidence_certainty, get_matcher, min_size, trust_certainty
@@ -38,6 +40,8 @@ from .verdict import TileEvidence, coverage, judge
 from .warp import RowWarper
 
 Progress = Callable[[int, int], None]
+T = TypeVar("T")
+R = TypeVar("R")
 _IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 _NO_FIT = {"rmse": float("nan"), "inliers": 0.0, "n": 0}
 
@@ -54,11 +58,12 @@ class RegisterOptions:
     mode: str = "dense"
     flow_out: Optional[Path] = None
     qa_out: Optional[Path] = None
-    tile_size: int = 512
-    overlap: int = 128
+    tile_size: int = tiling.DEFAULT_TILE
+    overlap: int = tiling.DEFAULT_OVERLAP
     batch_size: int = 4
     device: str = "auto"
     threads: Optional[int] = None
+    io_threads: Optional[int] = None  # reading and warping threads beside the matcher; None: cpu.io_threads()
     bands: Optional[Tuple[int, ...]] = None
     sar_band: int = 1
     sar_scale: str = "auto"
@@ -115,6 +120,8 @@ def _validate(opts: RegisterOptions) -> None:
         raise ConfigError(f"--resampling must be one of {', '.join(coords.SPLINE_ORDERS)}")
     if opts.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
+    if opts.io_threads is not None and opts.io_threads < 0:
+        raise ConfigError("--io-threads must be 0 or more")
     if opts.sar_scale not in preprocess.SAR_KINDS:
         raise ConfigError(f"--sar-scale must be one of {', '.join(preprocess.SAR_KINDS)}")
     tiling.validate(opts.tile_size, opts.overlap)
@@ -197,7 +204,9 @@ class _TileMatcher:
             return check.checked_match(self.matcher, opt, sar, ov, sv)
         return (*self.matcher.match(opt, sar, ov, sv), None)
 
-    def __call__(self, batch: List[tiling.Tile]):
+    def read(self, batch: List[tiling.Tile]) -> Tuple[np.ndarray, ...]:
+        """The prepared tiles of ``batch``: reference, moving, and their valid masks, each
+        ``(B, h, w)`` (safe to call from a reading thread while :meth:`__call__` matches)."""
         ref_is_opt = self.pair.ref_is_optical
         refs, movs, rvs, mvs = [], [], [], []
         for t in batch:
@@ -207,7 +216,13 @@ class _TileMatcher:
             movs.append(preprocess.prepare(md, mv, not ref_is_opt, self.sar_scale))
             rvs.append(rv)
             mvs.append(mv)
-        ref, mov, rv, mv = (np.stack(a) for a in (refs, movs, rvs, mvs))
+        return tuple(np.stack(a) for a in (refs, movs, rvs, mvs))
+
+    def __call__(self, batch: List[tiling.Tile], tiles: Tuple[np.ndarray, ...]):
+        """Match ``batch``, whose :meth:`read` is ``tiles``: flow, certainty, reference valid mask and
+        estimated error (None without the check)."""
+        ref_is_opt = self.pair.ref_is_optical
+        ref, mov, rv, mv = tiles
         if ref_is_opt:
             flow, cert, err = self._match(ref, mov, rv, mv)
         else:  # matchers work on the optical grid: match there, then carry the match onto the SAR grid
@@ -238,22 +253,42 @@ class _TileMatcher:
                                    **({} if err is None else {"est_error": check.tile_error(err[i])})})
 
 
+def _ahead(items: Iterable[T], load: Callable[[T], R], threads: int) -> Iterator[Tuple[T, R]]:
+    """``(item, load(item))`` in order, with up to ``threads`` items loaded ahead in background
+    threads while the caller works on the current one (none: loaded in turn)."""
+    if threads < 1:
+        for item in items:
+            yield item, load(item)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="soma-read") as pool:
+        pending: Deque = deque()
+        for item in items:
+            pending.append((item, pool.submit(load, item)))
+            if len(pending) > threads:
+                first, fut = pending.popleft()
+                yield first, fut.result()
+        while pending:
+            first, fut = pending.popleft()
+            yield first, fut.result()
+
+
 def _stitched_strips(tiles: List[tiling.Tile], match: _TileMatcher, area: tiling.Tile, overlap: int,
-                     batch_size: int, progress: Optional[Progress]) -> Iterator[Strip]:
-    """Match the tiles row by row in batches; yield the finished strips of the window, in order."""
+                     batch_size: int, io_threads: int, progress: Optional[Progress]) -> Iterator[Strip]:
+    """Match the tiles row by row in batches, reading the next batches meanwhile in ``io_threads``
+    threads; yield the finished strips of the window, in order."""
     stitcher = StripStitcher(area.height, area.width, overlap, errors=match.check)
     rows = list(tiling.rows_of(tiles))
+    batches = [(i, trow[j:j + batch_size]) for i, trow in enumerate(rows) for j in range(0, len(trow), batch_size)]
     done, total = 0, len(tiles)
-    for i, trow in enumerate(rows):
-        for j in range(0, len(trow), batch_size):
-            batch = trow[j:j + batch_size]
-            flow, cert, rv, err = match(batch)
-            for k, t in enumerate(batch):
-                stitcher.add(t, flow[k], cert[k], rv[k], None if err is None else err[k])
-            done += len(batch)
-            if progress:
-                progress(done, total)
-        yield from stitcher.flush(rows[i + 1][0].row if i + 1 < len(rows) else area.height)
+    for n, ((i, batch), inputs) in enumerate(_ahead(batches, lambda b: match.read(b[1]), io_threads)):
+        flow, cert, rv, err = match(batch, inputs)
+        for k, t in enumerate(batch):
+            stitcher.add(t, flow[k], cert[k], rv[k], None if err is None else err[k])
+        done += len(batch)
+        if progress:
+            progress(done, total)
+        if n + 1 == len(batches) or batches[n + 1][0] != i:  # the last batch of tile row i
+            yield from stitcher.flush(rows[i + 1][0].row if i + 1 < len(rows) else area.height)
     yield from stitcher.finish()
 
 
@@ -271,15 +306,18 @@ class _SceneField:
             affine, _ = raw.fit()
             self.prior = FlowPrior(*raw.arrays(), affine, area.height, area.width, area.row, area.col)
 
-    def strips(self, scratch: FlowScratch) -> Iterator[Tuple[Strip, int]]:
-        """``(strip, pixels repaired)``, top to bottom."""
+    def apply(self, scratch: FlowScratch) -> Iterator[Tuple[Strip, int]]:
+        """``(strip, pixels repaired)``, top to bottom; each repaired strip replaces the stitched
+        one in ``scratch``, which then holds the field to apply (float32 both ways: exact)."""
         area = self.area
         for strip in scratch.strips():
             if self.repair:
                 out = self.prior.repair(strip, area.row + strip.row0, area.col, trust_cert=self.trust)
-                yield out, int(np.count_nonzero(strip.valid & (out.certainty < strip.certainty)))
+                n = int(np.count_nonzero(strip.valid & (out.certainty < strip.certainty)))
             else:
-                yield self.prior.fill(strip, area.row + strip.row0, area.col), 0
+                out, n = self.prior.fill(strip, area.row + strip.row0, area.col), 0
+            scratch.write(out)
+            yield out, n
 
     @staticmethod
     def unmoved(scratch: FlowScratch) -> Iterator[Tuple[Strip, int]]:
@@ -324,6 +362,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                        coords.SPLINE_ORDERS[opts.resampling])
     tags = {"SOMA_METHOD": opts.method}
     out_transform = None
+    io_threads = cpu.io_threads() if opts.io_threads is None else opts.io_threads
 
     def measure(strips: Iterator[Tuple[Strip, int]]) -> _FieldLog:
         log = _FieldLog(qa.FlowOverview(area.height, area.width, tile_rows, (area.row, area.col)),
@@ -335,12 +374,12 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
     with ExitStack() as stack:
         scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width, opts.check))
         raw = FlowSamples()
-        for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, progress):
+        for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, io_threads, progress):
             scratch.write(strip)
             raw.add(strip, area.row, area.col, evidence.trusted_rows(strip.row0, strip.flow.shape[1]))
         scene = _SceneField(raw, area, opts.repair, trust_certainty(matcher))
         # measure the field before writing it, so that a failed registration is never written
-        log = measure(scene.strips(scratch) if scene.prior is not None else scene.unmoved(scratch))
+        log = measure(scene.apply(scratch) if scene.prior is not None else scene.unmoved(scratch))
         affine, stats = log.samples.fit() if scene.prior is not None else (_IDENTITY, _NO_FIT)
         products = register_qa.overview_products(pair, sar_scale, log.overview,
                                                  affine if opts.mode == "affine" else None)
@@ -365,10 +404,14 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                                                      error_band=opts.check))
         image = stack.enter_context(ImageSink(pair, opts.out, cog=opts.cog, tags=tags)) if opts.mode == "dense" \
             else None
-        for strip, _ in scene.strips(scratch) if apply else scene.unmoved(scratch):
+        # the scratch file holds the repaired field now (scene.apply); the next strips are warped in
+        # io_threads threads while this one is written
+        strips = scratch.strips() if apply else (s for s, _ in scene.unmoved(scratch))
+        warp = (lambda st: warper(st.flow, area.row + st.row0)) if image is not None else (lambda st: None)
+        for strip, warped in _ahead(strips, warp, io_threads):
             row_abs = area.row + strip.row0
             if image is not None:
-                image.write(*warper(strip.flow, row_abs), row_abs)
+                image.write(*warped, row_abs)
             if flow_sink is not None:
                 flow_sink.write(strip, row_abs)
             if tiepoints is not None:
@@ -415,7 +458,8 @@ def _write_affine(opts: RegisterOptions, pair: AlignedPair, affine: np.ndarray, 
         return write_relocated(pair, opts.out, affine, cog=opts.cog, tags=tags)
     area = pair.area
     with ImageSink(pair, opts.out, cog=opts.cog, tags=tags) as sink:
-        for a in range(area.row, area.row + area.height, CHUNK):
-            h = min(CHUNK, area.row + area.height - a)
+        rows = strip_rows(area.width)
+        for a in range(area.row, area.row + area.height, rows):
+            h = min(rows, area.row + area.height - a)
             sink.write(*warper(coords.affine_to_flow_np(affine, h, area.width, col0=area.col, row0=a), a), a)
     return None

@@ -85,12 +85,20 @@ class StripStitcher:
         acc = self.acc[:, :n]
         valid = acc[3] > 0
         safe = np.where(valid, acc[3], 1.0)
-        flow = np.where(valid, acc[:2] / safe, np.nan).astype(np.float32)
-        cert = np.where(valid, acc[2] / safe, 0.0).astype(np.float32)
+        # divided straight into float32 (each value rounded once, as a float64 quotient would be):
+        # no strip-sized float64 temporaries, which would dominate memory on a wide scene
+        flow = np.empty((2, n, self.width), np.float32)
+        np.divide(acc[:2], safe, out=flow, casting="same_kind")
+        flow[:, ~valid] = np.nan
+        cert = np.empty((n, self.width), np.float32)
+        np.divide(acc[2], safe, out=cert, casting="same_kind")
+        cert[~valid] = 0.0
         error = None
         if len(acc) > 4:
             has = valid & (acc[5] > 0)
-            error = np.where(has, acc[4] / np.where(has, acc[5], 1.0), np.nan).astype(np.float32)
+            error = np.empty((n, self.width), np.float32)
+            np.divide(acc[4], np.where(has, acc[5], 1.0), out=error, casting="same_kind")
+            error[~has] = np.nan
         yield Strip(self.row0, flow, cert, valid, error)
         self.acc = self.acc[:, n:].copy()
         self.row0 = upto

@@ -16,6 +16,10 @@ import numpy as np
 
 from .errors import ConfigError
 
+#: ``soma register``'s tiles and their overlap, in pixels.
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 128
+
 
 @dataclass(frozen=True)
 class Tile:

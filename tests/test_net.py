@@ -151,6 +151,34 @@ def test_window_zncc_matches_brute_force_and_peaks_at_the_shift():
     assert z[0, :, 6:18, 6:20].amax(0).min().item() > 0.999
 
 
+@pytest.mark.parametrize("block_bytes", [1, 4096, 1 << 30])
+@pytest.mark.parametrize("step", [1, 2, 4])
+def test_local_corr_blocks_equal_the_explicit_products(block_bytes, step):
+    """local_corr, computed a block of rows at a time with or without autograd, equals the
+    explicit channel dot products at each kept position and shift, zero outside."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 21, 18, generator=g)
+    b = torch.randn(2, 5, 21, 18, generator=g)
+    r = 2
+    n = 2 * r + 1
+    bp = F.pad(b, [r, r, r, r])
+    ys = torch.arange(step // 2, 21, step)
+    xs = torch.arange(step // 2, 18, step)
+    want = torch.stack([(a[:, :, ys][:, :, :, xs] * bp[:, :, ys + dy][:, :, :, xs + dx]).sum(1)
+                        for dy in range(n) for dx in range(n)], 1)
+    with torch.inference_mode():
+        got = corr_ops.local_corr(a, b, r, step, block_bytes)
+    assert got.shape == want.shape == (2, n * n, len(ys), len(xs))
+    assert torch.allclose(got, want, atol=1e-5)
+    a.requires_grad_(True)
+    tracked = corr_ops.local_corr(a, b, r, step, block_bytes)
+    assert torch.equal(tracked.detach(), got)
+    tracked[:, n * n // 2].sum().backward()  # the zero shift: d/da = b at the kept positions
+    expect = torch.zeros_like(a)
+    expect[:, :, ys[:, None], xs[None, :]] = b[:, :, ys[:, None], xs[None, :]]
+    assert torch.allclose(a.grad, expect)
+
+
 def test_window_zncc_is_bounded_and_scores_zero_without_a_window():
     """Scores stay in [-1, 1] everywhere, borders included: a window without variance scores 0 and a
     shift whose window centre falls outside the image -1 (no candidate), not num / eps, which gave

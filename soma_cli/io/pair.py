@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -171,7 +172,10 @@ def georef_bounds(ds: rasterio.DatasetReader):
 
 @dataclass
 class AlignedPair:
-    """The reference raster, the moving raster warped onto its grid, and the overlap window."""
+    """The reference raster, the moving raster warped onto its grid, and the overlap window.
+
+    Its readers may be called from several threads: one lock serialises the dataset reads (a
+    GDAL dataset handle is not thread-safe); the conversions after them run in parallel."""
 
     ref: rasterio.DatasetReader
     mov_src: rasterio.DatasetReader
@@ -183,6 +187,7 @@ class AlignedPair:
     same_grid: bool  # moving already on the reference grid (no resampling)
     same_crs: bool
     _stack: ExitStack
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def height(self) -> int:
@@ -232,12 +237,14 @@ class AlignedPair:
         kw = {}
         if out_shape is not None:
             kw = {"out_shape": (len(bands),) + tuple(out_shape), "resampling": Resampling.nearest}
+        mkw = {"out_shape": tuple(out_shape), "resampling": Resampling.nearest} if out_shape else {}
         try:
-            data = ds.read(bands, window=window, boundless=False, **kw).astype(np.float32)
-            mkw = {"out_shape": tuple(out_shape), "resampling": Resampling.nearest} if out_shape else {}
-            mask = ds.read_masks(bands[0], window=window, **mkw) > 0  # nodata, alpha or outside source
+            with self._lock:
+                data = ds.read(bands, window=window, boundless=False, **kw)
+                mask = ds.read_masks(bands[0], window=window, **mkw) > 0  # nodata, alpha or outside source
         except RasterioError as exc:
             raise InputError(f"cannot read {ds.name}: {exc}") from None
+        data = data.astype(np.float32)
         valid = mask & np.isfinite(data).all(axis=0)
         data[:, ~valid] = np.nan
         return data, valid
@@ -263,11 +270,13 @@ class AlignedPair:
         reference grid, for warping: ``(data (C, h, w) float64, valid (h, w) bool)``."""
         window = Window(c0, r0, c1 - c0, r1 - r0)
         try:
-            data = self.mov.read(list(range(1, self.moving_count + 1)), window=window).astype(np.float64)
-            valid = (self.mov.read_masks(1, window=window) > 0) & np.isfinite(data).all(0)
+            with self._lock:
+                data = self.mov.read(list(range(1, self.moving_count + 1)), window=window)
+                mask = self.mov.read_masks(1, window=window) > 0
         except RasterioError as exc:
             raise InputError(f"cannot read {self.mov.name}: {exc}") from None
-        return data, valid
+        data = data.astype(np.float64)
+        return data, mask & np.isfinite(data).all(0)
 
 
 def open_pair(

@@ -36,7 +36,14 @@ FLOW_DESCRIPTIONS = (
      "--check: a local median; no data where there is no estimate)"),
 )
 FLOW_UNITS = ("pixel", "pixel", "1", "pixel")
-CHUNK = 512  # rows per block of no-data rows and per scratch read
+#: Pixels per strip read back from the scratch file (and per block of no-data rows): strips of a
+#: wide scene are lower, so that the memory of the passes after matching does not grow with it.
+STRIP_PIXELS = 1 << 21
+
+
+def strip_rows(width: int) -> int:
+    """Rows per strip of a ``width``-pixel-wide area: :data:`STRIP_PIXELS` worth, 16 to 512."""
+    return max(16, min(512, STRIP_PIXELS // max(int(width), 1)))
 
 
 def _moving_nodata(pair: AlignedPair) -> Tuple[Optional[float], bool]:
@@ -73,8 +80,9 @@ class _RowSink:
         return self._ctx.__exit__(exc_type, exc, tb)
 
     def _fill(self, upto: int) -> None:
-        for a in range(self._next, upto, CHUNK):
-            self._write(self._blank(min(a + CHUNK, upto) - a), a)
+        rows = strip_rows(self.width)
+        for a in range(self._next, upto, rows):
+            self._write(self._blank(min(a + rows, upto) - a), a)
         self._next = max(self._next, upto)
 
     def _put(self, rows, row_abs: int, h: int) -> None:
@@ -183,14 +191,15 @@ class FlowScratch:
 
     def write(self, strip: Strip) -> None:
         bands = [strip.flow, strip.certainty[None]] + ([strip.error[None]] if self.errors else [])
-        data = np.concatenate(bands).astype(np.float32)
+        data = np.concatenate(bands).astype(np.float32, copy=False)
         data[:, ~strip.valid] = np.nan
         self.ds.write(data, window=Window(0, strip.row0, data.shape[2], data.shape[1]))
 
     def strips(self) -> Iterator[Strip]:
-        """The stored flow again, top to bottom, in strips of :data:`CHUNK` rows."""
-        for a in range(0, self.height, CHUNK):
-            data = self.ds.read(window=Window(0, a, self.width, min(CHUNK, self.height - a)))
+        """The stored flow again, top to bottom, in strips of :func:`strip_rows` rows."""
+        rows = strip_rows(self.width)
+        for a in range(0, self.height, rows):
+            data = self.ds.read(window=Window(0, a, self.width, min(rows, self.height - a)))
             yield Strip(a, data[:2], np.nan_to_num(data[2]), np.isfinite(data[:3]).all(0),
                         data[3] if self.errors else None)
 

@@ -44,10 +44,11 @@ def check_output(path: Path, overwrite: bool, inputs: Sequence[Path] = ()) -> Pa
 
 
 def gtiff_profile(profile: dict, block: int = 256) -> dict:
-    """A tiled, DEFLATE-compressed GeoTIFF profile derived from ``profile``."""
+    """A tiled, DEFLATE-compressed GeoTIFF profile derived from ``profile``; GDAL compresses its
+    blocks on every core (the outputs are written after matching, when the cores are free)."""
     out = dict(profile)
     out.update(driver="GTiff", tiled=True, blockxsize=block, blockysize=block, compress="deflate",
-               BIGTIFF="IF_SAFER")
+               BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
     if str(out.get("dtype")) in ("float32", "float64"):
         out["predictor"] = 3
     elif str(out.get("dtype")) in ("uint16", "int16", "uint32", "int32"):

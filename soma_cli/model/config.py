@@ -56,11 +56,13 @@ class GlobalConfig:
 
 @dataclass(frozen=True)
 class AffineLevelConfig:
-    """One affine refinement level: how many times it runs, its search radius and its window."""
+    """One affine refinement level: how many times it runs, its search radius, its window, and the
+    sampling step of the window centres whose peaks the affine is fitted to (1: every pixel)."""
 
     iterations: int
     radius: int
     window: int
+    step: int = 1
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,12 @@ class SomaConfig:
     global_search: GlobalConfig = field(default_factory=GlobalConfig)
     affine8: AffineLevelConfig = field(default_factory=lambda: AffineLevelConfig(iterations=3, radius=3, window=5))
     affine4: AffineLevelConfig = field(default_factory=lambda: AffineLevelConfig(iterations=2, radius=3, window=9))
-    affine2: AffineLevelConfig = field(default_factory=lambda: AffineLevelConfig(iterations=2, radius=3, window=63))
+    affine2: AffineLevelConfig = field(
+        default_factory=lambda: AffineLevelConfig(iterations=2, radius=3, window=63, step=4))
     dense4: DenseLevelConfig = field(
         default_factory=lambda: DenseLevelConfig(radius=3, window=15, smooth=61, step=1, cone=True))
     dense2: DenseLevelConfig = field(
-        default_factory=lambda: DenseLevelConfig(radius=3, window=31, smooth=61, step=1, cone=True))
+        default_factory=lambda: DenseLevelConfig(radius=3, window=31, smooth=61, step=2, cone=True))
     dense1: DenseLevelConfig = field(
         default_factory=lambda: DenseLevelConfig(radius=1, window=63, smooth=121, step=4, cone=False))
     fit_cauchy_px: float = 1.0

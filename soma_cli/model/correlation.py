@@ -49,20 +49,45 @@ def box(x: torch.Tensor, k: int) -> torch.Tensor:
     return box_1d(y, k, 3).transpose(2, 3).contiguous()
 
 
-def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1) -> torch.Tensor:
+def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1, block_bytes: int = 1 << 21) -> torch.Tensor:
     """``(B, (2r+1)^2, H', W')``: ``<f1(q), f2(q + (dx, dy))>`` for ``dy, dx`` in ``[-r, r]`` (dy outer),
-    at the positions ``q`` of :func:`geometry.subsample` (all of them when ``step`` is 1)."""
+    at the positions ``q`` of :func:`geometry.subsample` (all of them when ``step`` is 1).
+
+    Computed a block of output rows at a time, about ``block_bytes`` of products per shift, which
+    stays in a core's cache (a whole level does not, and its products are memory-bound); each
+    element is computed as over the whole level."""
     h = f1.shape[-2]
     w = f1.shape[-1]
     o = step // 2  # geometry.subsample's first position, on the channels-last layout below
     # channels last: the per-shift channel sums run over contiguous memory (twice as fast on a CPU)
     a = geometry.subsample(f1, step).permute(0, 2, 3, 1).contiguous()
     f2p = F.pad(f2, [r, r, r, r]).permute(0, 2, 3, 1).contiguous()
-    out: List[torch.Tensor] = []
-    for dy in range(2 * r + 1):
-        for dx in range(2 * r + 1):
-            out.append((a * f2p[:, dy:dy + h, dx:dx + w, :][:, o::step, o::step, :]).sum(-1))
-    return torch.stack(out, 1)
+    n = 2 * r + 1
+    hs = a.shape[1]
+    ws = a.shape[2]
+    rows = max(1, block_bytes // max(1, a.shape[0] * ws * a.shape[3] * a.element_size()))
+    # without autograd the products and sums go into preallocated blocks (the same values)
+    track = f1.requires_grad or f2.requires_grad
+    out = torch.empty([a.shape[0], n * n, hs, ws] if not track else [0], dtype=a.dtype, device=a.device)
+    blocks: List[torch.Tensor] = []
+    for i0 in range(0, hs, rows):
+        i1 = min(hs, i0 + rows)
+        ab = a[:, i0:i1]
+        y0 = o + i0 * step  # full-level row of output row i0
+        y1 = o + (i1 - 1) * step + 1
+        prod = torch.empty_like(ab)
+        sums: List[torch.Tensor] = []
+        for dy in range(n):
+            for dx in range(n):
+                win = f2p[:, y0 + dy:y1 + dy:step, o + dx:o + dx + w:step, :][:, :, :ws]
+                if track:
+                    sums.append((ab * win).sum(-1))
+                else:
+                    torch.mul(ab, win, out=prod)
+                    torch.sum(prod, [-1], out=out[:, dy * n + dx, i0:i1])
+        if track:
+            blocks.append(torch.stack(sums, 1))
+    return torch.cat(blocks, 2) if track else out
 
 
 def shifted(x: torch.Tensor, r: int, step: int = 1) -> torch.Tensor:

@@ -150,6 +150,7 @@ class AffineLevel(nn.Module):
         self.iterations = config.iterations
         self.radius = config.radius
         self.window = config.window
+        self.step = config.step
         self.fit_cauchy = fit_cauchy
         self.fit_iterations = fit_iterations
 
@@ -166,11 +167,11 @@ class AffineLevel(nn.Module):
         a_lvl = geometry.scale_affine(affine, float(self.stride))
         fl = geometry.affine_to_flow(a_lvl, h, w).detach()
         _, disp, conf, inside = match_window(mo, ms, fl, radius=self.radius, window=self.window,
-                                             temperature=temperature, cone=True)
-        pts = geometry.grid_points(b, h, w, mo.device, mo.dtype)
+                                             temperature=temperature, cone=True, step=self.step)
+        pts = geometry.grid_points(b, h, w, mo.device, mo.dtype, self.step)
         tgt = pts + disp.flatten(2).transpose(1, 2)
-        upd = geometry.robust_fit_affine(pts, tgt, (conf * valid * inside).flatten(1), self.fit_cauchy,
-                                         self.fit_iterations)
+        wt = conf * geometry.subsample(valid, self.step) * inside
+        upd = geometry.robust_fit_affine(pts, tgt, wt.flatten(1), self.fit_cauchy, self.fit_iterations)
         return geometry.scale_affine(geometry.compose_affine(a_lvl, upd), 1.0 / float(self.stride))
 
 
