@@ -112,7 +112,7 @@ def register(
     check: Annotated[bool, typer.Option(help=(
         "Estimate the error of every tile without ground truth (match again after a known small "
         "deformation; one more matcher pass, about twice the matching time): band 4 of --flow-out, a QA "
-        "map, the summary and the verdict use it."))] = True,
+        "map, the summary and the verdict use it."))] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")] = False,
 ):
@@ -193,7 +193,7 @@ def batch_cmd(
     strict: Annotated[bool, typer.Option(help="Count a pair whose verdict is failed as a failed pair.")] = False,
     check: Annotated[bool, typer.Option(help=(
         "Estimate each pair's error without ground truth (one more matcher pass; see soma register "
-        "--help)."))] = True,
+        "--help)."))] = False,
     retry_failed: Annotated[bool, typer.Option(help="Rerun pairs that failed before (default: count them as failed).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Rerun every pair, replacing its outputs.")] = False,
     html: Annotated[bool, typer.Option("--report/--no-report", help="Write OUT_DIR/report.html at the end.")] = True,

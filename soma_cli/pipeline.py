@@ -6,10 +6,11 @@
 Memory is bounded by a strip of rows (about two tiles high) times the scene width, whatever the
 scene size: tiles are matched in row-major order (each recording its evidence and, with the check,
 its estimated error, :mod:`~soma_cli.check`) and stitched into strips; the strips go to a scratch
-file.  Once the scene-wide fit of the trusted tiles is known,
-they are read back, repaired and written back in place while the applied field is measured (its
-overview and the edge similarity it gives, for the verdict); then the scratch file is read once
-more to warp and write the field, or, when the verdict is failed, the moving image unmoved.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
+file.  Once the scene-wide fit of the trusted tiles is known, they are read back, repaired and
+written back in place while the applied field is measured (its overview and the edge similarity
+it gives, for the verdict); then the scratch file is read once more to warp and write the field,
+or, when the verdict is failed, the moving image unmoved.  Tiles are read ahead, and strips
+warped ahead, in ``io_threads`` threads.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
 :mod:`~soma_cli.tiling`, :mod:`~soma_cli.matchers`, :mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`,
 :mod:`~soma_cli.io.sinks`, :mod:`~soma_cli.register_qa`, :mod:`~soma_cli.verdict`); this module only wires
 them together.
@@ -76,7 +77,7 @@ class RegisterOptions:
     force: bool = False  # apply a registration whose verdict is failed (when there is evidence to apply)
     tiepoints_out: Optional[Path] = None  # GeoPackage of tie points
     tiepoint_step: int = 64  # reference pixels between tie points (and GCPs before thinning)
-    check: bool = True  # estimate the error of every tile (soma_cli.check: one more matcher pass)
+    check: bool = False  # estimate the error of every tile (soma_cli.check: one more matcher pass)
 
 
 @dataclass

@@ -75,9 +75,10 @@ def inputs(tmp_path):
     return write_manifest(tmp_path / "manifest.csv", rows)
 
 
-def _run(manifest, out, client, **kw):
+def _run(manifest, out, client, options=None, **kw):
     seen = []
-    res = batch.run_batch(batch_pairs.read_manifest(manifest), out, {"method": "gradient"}, client=client,
+    res = batch.run_batch(batch_pairs.read_manifest(manifest), out, {"method": "gradient", **(options or {})},
+                          client=client,
                           progress=lambda d, t, rec: seen.append((d, t, rec["id"], rec["status"])), **kw)
     assert [s[0] for s in seen] == list(range(1, len(seen) + 1)) and all(s[1] == len(seen) for s in seen)
     return res, {r["id"]: r for r in res.records}
@@ -89,7 +90,7 @@ def _runlog(out):
 
 def test_batch_runs_resumes_isolates_failures_and_reports(tmp_path, inputs, client):
     out = tmp_path / "out"
-    res, recs = _run(inputs, out, client)
+    res, recs = _run(inputs, out, client, {"check": True})
     assert res.counts() == {"ok": 2, "failed": 1, "skipped": 0}
     for pid in ("p1", "p2"):
         r = recs[pid]

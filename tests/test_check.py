@@ -91,7 +91,7 @@ def _register(tmp_path: Path, name: str, matcher, **kw):
 
 
 def test_register_writes_the_estimate_as_band_4_and_tie_points_use_it(tmp_path):
-    res, bands, desc, nodata, tp = _register(tmp_path, "checked", Oracle(bump), qa_out=tmp_path / "qa")
+    res, bands, desc, nodata, tp = _register(tmp_path, "checked", Oracle(bump), qa_out=tmp_path / "qa", check=True)
     assert bands.shape[0] == 4 and desc[3] == FLOW_DESCRIPTIONS[3]
     h, w = bands.shape[1:]
     err = np.where(bands[3] == nodata, np.nan, bands[3])

@@ -105,7 +105,7 @@ def test_unrelated_content_is_failed_and_left_unmoved(tmp_path, unrelated):
     --strict (one line, after the outputs are written)."""
     sar_path, opt_path, sar = unrelated
     out, disp = tmp_path / "aligned.tif", tmp_path / "disp.tif"
-    proc = _cli("register", sar_path, opt_path, "-o", out, "--flow-out", disp, "--json")
+    proc = _cli("register", sar_path, opt_path, "-o", out, "--flow-out", disp, "--json", "--check")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["verdict"]["status"] == "failed" and summary["verdict"]["reason"].startswith("no evidence")
@@ -142,7 +142,8 @@ def test_trusted_half_registers_and_the_rest_follows_its_fit(tmp_path, shared_da
     for name, o in (("real", opt), ("half", half)):
         disp = tmp_path / f"{name}_disp.tif"
         results[name] = register(RegisterOptions(sar=s, opt=_write(tmp_path / f"{name}.tif", o, t, crs),
-                                                 out=tmp_path / f"{name}_out.tif", flow_out=disp, overlap=0))
+                                                 out=tmp_path / f"{name}_out.tif", flow_out=disp, overlap=0,
+                                                 threads=1))  # one thread count for both runs: same sums
         with rasterio.open(disp) as f:
             flows[name] = f.read()
     v = results["half"].verdict

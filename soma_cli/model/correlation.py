@@ -56,7 +56,6 @@ def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1, block_
     Computed a block of output rows at a time, about ``block_bytes`` of products per shift, which
     stays in a core's cache (a whole level does not, and its products are memory-bound); each
     element is computed as over the whole level."""
-    h = f1.shape[-2]
     w = f1.shape[-1]
     o = step // 2  # geometry.subsample's first position, on the channels-last layout below
     # channels last: the per-shift channel sums run over contiguous memory (twice as fast on a CPU)
