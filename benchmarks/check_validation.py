@@ -64,9 +64,9 @@ def _checked(matcher, opt, sar, ov, sv):
     return flow, [_statistics(e) for e in est], t_match, t_check
 
 
-def run(data: Path, split: str, out: Path, limit, seed: int) -> None:
+def run(data: Path, split: str, out: Path, limit, seed: int, methods=METHODS) -> None:
     torch.set_num_threads(1)
-    matchers = {m: get_matcher(m, threads=1, batch_size=4) for m in METHODS}
+    matchers = {m: get_matcher(m, threads=1, batch_size=4) for m in methods}
     done = set()
     if out.exists():
         done = {json.loads(line)["pair"] for line in out.read_text().splitlines() if line.strip()}
@@ -82,24 +82,24 @@ def run(data: Path, split: str, out: Path, limit, seed: int) -> None:
         samples = {p: [deform_chip(c, p, seed) for c in chips] for p in PROTOCOLS}
         for p in PROTOCOLS:
             inputs[p] = (np.stack([s.sar for s in samples[p]]), np.stack([s.sar_valid for s in samples[p]]))
-        res = {m: {k: _checked(matchers[m], opt, *inputs[k][:1], ov, inputs[k][1]) for k in inputs} for m in METHODS}
+        res = {m: {k: _checked(matchers[m], opt, *inputs[k][:1], ov, inputs[k][1]) for k in inputs} for m in methods}
         lines = []
         for i, c in enumerate(chips):
             rec = {"pair": entry.name, "chip": c.index, "seconds": {}, "protocols": {}}
-            for m in METHODS:
+            for m in methods:
                 # seconds per chip of a match and of a check, averaged over the three inputs
                 rec["seconds"][m] = [sum(res[m][k][2] for k in inputs) / 3 / len(chips),
                                      sum(res[m][k][3] for k in inputs) / 3 / len(chips)]
             for p in PROTOCOLS:
                 s = samples[p][i]
                 rmse = {}
-                for a in METHODS:
-                    for b in METHODS:
+                for a in methods:
+                    for b in methods:
                         err, mask = relative_error(res[a]["f0"][0][i], res[b][p][0][i], s.gt)
                         rmse[f"{a}>{b}"] = error_metrics(err, mask & c.opt_valid)["rmse"]
                 rec["protocols"][p] = {"rel_rmse": rmse,
-                                       "est_f0": {m: res[m]["f0"][1][i] for m in METHODS},
-                                       "est_f1": {m: res[m][p][1][i] for m in METHODS}}
+                                       "est_f0": {m: res[m]["f0"][1][i] for m in methods},
+                                       "est_f1": {m: res[m][p][1][i] for m in methods}}
             lines.append(json.dumps(rec))
         with out.open("a") as f:
             f.write("\n".join(lines) + "\n")
@@ -146,6 +146,13 @@ def report(records: Path, plot, statistic: str = "mean", retry_px: float = RETRY
         true = np.array([x["rel_rmse"]["soma>soma"] for x in prs])
         est = np.array([_score(x, "est_f1", "soma", statistic) for x in prs])
         all_est.append(est), all_true.append(true)
+        out["protocols"][p] = {
+            "auc_over_1px": auc(est, true > 1), "auc_over_3px": auc(est, true > 3),
+            "chips_over_1px": int((true > 1).sum()), "chips_over_3px": int((true > 3).sum()),
+            "soma_rel_cmr1": float(np.mean(true < 1)), "soma_rel_cmr3": float(np.mean(true < 3)),
+            "soma_seconds_match_check": np.mean([r["seconds"]["soma"] for r in recs], axis=0).tolist()}
+        if "gradient>gradient" not in prs[0]["rel_rmse"]:  # run with the network only: no auto
+            continue
         auto = [_auto(x, statistic, retry_px) for x in prs]
         auto_rmse = np.array([x["rel_rmse"][a[0]] for x, a in zip(prs, auto)])
         grad = np.array([x["rel_rmse"]["gradient>gradient"] for x in prs])
@@ -153,16 +160,13 @@ def report(records: Path, plot, statistic: str = "mean", retry_px: float = RETRY
         t_auto = np.mean([r["seconds"]["soma"][0] + r["seconds"]["soma"][1]
                           + a[2] * (r["seconds"]["gradient"][0] + r["seconds"]["gradient"][1])
                           for r, a in zip(recs, auto)])
-        out["protocols"][p] = {
-            "auc_over_1px": auc(est, true > 1), "auc_over_3px": auc(est, true > 3),
-            "chips_over_1px": int((true > 1).sum()), "chips_over_3px": int((true > 3).sum()),
-            "soma_rel_cmr1": float(np.mean(true < 1)), "soma_rel_cmr3": float(np.mean(true < 3)),
+        out["protocols"][p].update({
             "gradient_rel_cmr1": float(np.mean(grad < 1)), "gradient_rel_cmr3": float(np.mean(grad < 3)),
             "auto_rel_cmr1": float(np.mean(auto_rmse < 1)), "auto_rel_cmr3": float(np.mean(auto_rmse < 3)),
             "auto_tried_f1": float(np.mean([a[2] for a in auto])),
             "auto_gradient_f1": float(np.mean([a[0].endswith("gradient") for a in auto])),
             "auto_time_over_network": float(t_auto / t_net),
-        }
+        })
     est, true = np.concatenate(all_est), np.concatenate(all_true)
     edges = [0, 0.25, 0.5, 1, 2, 3, 5, np.inf]
     table = []
@@ -201,6 +205,8 @@ def main() -> None:
     r.add_argument("out", type=Path)
     r.add_argument("--limit", type=int, default=None, help="first N pairs of the split")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="matchers to run (auto's figures need both)")
     q = sub.add_parser("report")
     q.add_argument("records", type=Path)
     q.add_argument("--plot", type=Path, default=None)
@@ -208,7 +214,7 @@ def main() -> None:
     q.add_argument("--retry-px", type=float, default=RETRY_PX)
     a = ap.parse_args()
     if a.cmd == "run":
-        run(a.data, a.split, a.out, a.limit, a.seed)
+        run(a.data, a.split, a.out, a.limit, a.seed, tuple(a.methods))
     else:
         print(json.dumps(report(a.records, a.plot, a.statistic, a.retry_px), indent=2))
 
