@@ -189,7 +189,7 @@ def report(records: Path, plot, statistic: str = "mean", retry_px: float = RETRY
         ax.plot([0.05, 50], [0.05, 50], "k:", lw=1)
         ax.set(xscale="log", yscale="log", xlabel="estimated error (chip mean, px)",
                ylabel="true relative RMSE (px)",
-               title=f"Run-time check vs. truth: the network, {len(recs)} chips of {records.stem}")
+               title=f"Run-time check vs. truth\n{len(recs)} chips per protocol ({records.stem})")
         ax.legend()
         fig.tight_layout()
         fig.savefig(plot, dpi=110)

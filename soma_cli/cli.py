@@ -98,7 +98,9 @@ def register(
     threads: Annotated[Optional[int], typer.Option(
         help="CPU threads for the network (default: the cores other processes leave free).")] = None,
     io_threads: Annotated[Optional[int], typer.Option(
-        min=0, help="Threads that read and warp beside the matcher (default: one per 4 cores, 1 to 4; 0: none).")] = None,
+        min=0, help=("Threads that read the next tiles while the matcher works and warp the next strips while "
+                     "one is written (default: one per 4 cores, 1 to 4; reading ahead only beside a GPU matcher; "
+                     "0: none)."))] = None,
     bands: Annotated[Optional[str], typer.Option(help="Optical bands to use, 1-based, e.g. 4,3,2.")] = None,
     sar_band: Annotated[int, typer.Option(help="SAR band to use, 1-based.")] = 1,
     sar_scale: Annotated[str, typer.Option(help="SAR values: auto, db, amplitude or intensity.")] = "auto",

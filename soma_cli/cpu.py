@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import psutil
 
@@ -69,8 +69,11 @@ class CpuShare:
         return int(min(self.cores, max(1, round(free))))
 
 
-def io_threads() -> int:
-    """Default threads that read and warp beside the matcher (``--io-threads``): one per four
-    usable cores, from 1 to 4 (reading and warping a tile takes a few percent of matching it on
-    the CPU, but on a GPU they are most of the work)."""
-    return max(1, min(4, usable_cores() // 4))
+def io_threads(gpu: bool) -> Tuple[int, int]:
+    """Default ``(read, warp)`` threads beside the matcher (``--io-threads``): one per four usable
+    cores, from 1 to 4, for warping the next strips while one is written (the matcher is done by
+    then), and as many for reading the next tiles while the matcher works, but only beside a GPU
+    matcher: beside a CPU matcher a busy reading thread deschedules one of torch's OpenMP threads,
+    whose parallel regions then all wait (the module doc)."""
+    n = max(1, min(4, usable_cores() // 4))
+    return (n if gpu else 0), n

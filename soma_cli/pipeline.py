@@ -9,8 +9,8 @@ its estimated error, :mod:`~soma_cli.check`) and stitched into strips; the strip
 file.  Once the scene-wide fit of the trusted tiles is known, they are read back, repaired and
 written back in place while the applied field is measured (its overview and the edge similarity
 it gives, for the verdict); then the scratch file is read once more to warp and write the field,
-or, when the verdict is failed, the moving image unmoved.  Tiles are read ahead, and strips
-warped ahead, in ``io_threads`` threads.  The stages live in their modules (:mod:`~soma_cli.io.pair`,
+or, when the verdict is failed, the moving image unmoved.  Tiles are read ahead (beside a GPU
+matcher), and strips warped ahead, in background threads (:func:`soma_cli.cpu.io_threads`).  The stages live in their modules (:mod:`~soma_cli.io.pair`,
 :mod:`~soma_cli.tiling`, :mod:`~soma_cli.matchers`, :mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`,
 :mod:`~soma_cli.io.sinks`, :mod:`~soma_cli.register_qa`, :mod:`~soma_cli.verdict`); this module only wires
 them together.
@@ -363,7 +363,8 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                        coords.SPLINE_ORDERS[opts.resampling])
     tags = {"SOMA_METHOD": opts.method}
     out_transform = None
-    io_threads = cpu.io_threads() if opts.io_threads is None else opts.io_threads
+    on_gpu = getattr(getattr(matcher, "device", None), "type", "cpu") == "cuda"
+    read_ahead, warp_ahead = cpu.io_threads(on_gpu) if opts.io_threads is None else (opts.io_threads,) * 2
 
     def measure(strips: Iterator[Tuple[Strip, int]]) -> _FieldLog:
         log = _FieldLog(qa.FlowOverview(area.height, area.width, tile_rows, (area.row, area.col)),
@@ -375,7 +376,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
     with ExitStack() as stack:
         scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width, opts.check))
         raw = FlowSamples()
-        for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, io_threads, progress):
+        for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, read_ahead, progress):
             scratch.write(strip)
             raw.add(strip, area.row, area.col, evidence.trusted_rows(strip.row0, strip.flow.shape[1]))
         scene = _SceneField(raw, area, opts.repair, trust_certainty(matcher))
@@ -406,10 +407,10 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         image = stack.enter_context(ImageSink(pair, opts.out, cog=opts.cog, tags=tags)) if opts.mode == "dense" \
             else None
         # the scratch file holds the repaired field now (scene.apply); the next strips are warped in
-        # io_threads threads while this one is written
+        # warp_ahead threads while this one is written
         strips = scratch.strips() if apply else (s for s, _ in scene.unmoved(scratch))
         warp = (lambda st: warper(st.flow, area.row + st.row0)) if image is not None else (lambda st: None)
-        for strip, warped in _ahead(strips, warp, io_threads):
+        for strip, warped in _ahead(strips, warp, warp_ahead):
             row_abs = area.row + strip.row0
             if image is not None:
                 image.write(*warped, row_abs)
