@@ -33,7 +33,7 @@ for w in $WORKERS; do
   "$SOMA" batch "$WORK/manifest.csv" --out-dir "$out" --method "$METHOD" --workers "$w" --no-report --quiet \
     || echo "  (some pairs failed, see $out/runlog.jsonl)"
   t1=$(date +%s.%N)
-  ok=$(grep -c '"status": "ok"' "$out/runlog.jsonl" || true)
+  ok=$(grep -c '"status": "ok"' "$out/runlog.jsonl" 2>/dev/null || true); ok=${ok:-0}
   python3 - "$w" "$t0" "$t1" "$ok" <<'PY'
 import sys
 w, t0, t1, ok = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
