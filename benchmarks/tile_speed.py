@@ -1,9 +1,10 @@
 """Time one 512 px tile through a TorchScript weights file, as `soma register` runs it.
 
     python benchmarks/tile_speed.py ../shared/data/s1s2_calif --weights weights/soma-0.12.0.pt [--weights OTHER.pt]
-        [--split T11SMT] [--pair 3] [--threads 2] [--repeats 6] [--no-allocator-tuning]
+        [--split T11SMT] [--pair 3] [--threads 2] [--repeats 6] [--no-allocator-tuning] [--older]
 
-Loads each file with the project's loader, takes the first 512 px chip of one pair (the optical
+Loads each file with the project's loader (with ``--older``, files whose metadata this version no
+longer reads, such as an earlier release's weights, are loaded by ``torch.jit.load`` alone), takes the first 512 px chip of one pair (the optical
 reference and its SAR), and times ``infer.run_model`` after one warm-up call; prints the best and
 the median of ``--repeats`` calls.  ``--no-allocator-tuning`` leaves glibc's allocator as it is
 (the `soma` matcher otherwise calls ``infer.tune_cpu_allocator``; the setting is process-wide, so
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from soma_cli import evaluate, infer
+from soma_cli.errors import WeightsError
 from soma_cli.io.dataset import list_pairs, read_pair
 from soma_cli.model.loader import load_weights
 
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--no-allocator-tuning", action="store_true")
+    ap.add_argument("--older", action="store_true", help="load files the loader refuses with torch.jit.load")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not a.no_allocator_tuning:
@@ -48,7 +51,12 @@ def main() -> None:
     tuning = "off" if a.no_allocator_tuning else "on"
     print(f"pair {entry.name}, chip 0 (512 px), {a.threads} thread(s), allocator tuning {tuning}")
     for w in a.weights:
-        model, meta = load_weights(w, device="cpu")
+        try:
+            model, meta = load_weights(w, device="cpu")
+        except WeightsError:
+            if not a.older:
+                raise
+            model, meta = torch.jit.load(str(w), map_location="cpu").eval(), {}
         mult = int(meta.get("tile_multiple", infer.TILE_MULTIPLE))
         infer.run_model(model, *args, multiple=mult)
         times = []
