@@ -38,6 +38,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from importlib import resources
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -45,7 +46,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import coords
-from .atomic import atomic_write, to_jsonable, write_json
+from .atomic import atomic_write, to_jsonable, write_bytes, write_json
 from .errors import OutputError
 from .qa_figures import (
     CERTAIN, _certainty_figure, _checker_figure, _error_figure, _extent, _finite, _flow_figure, _hist_figure,
@@ -70,6 +71,9 @@ TILE_FIELDS = (
 
 ALIGNMENT = "alignment.png"  # written when the caller gives a full-resolution crop
 ESTIMATED_ERROR = "estimated_error.png"  # written when the overview has an estimated error
+#: beside it, how the estimate compared with the true error on the held-out tile
+#: (benchmarks/check_validation.py's plot, shipped in the package)
+CHECK_CALIBRATION = "check_calibration.png"
 PRODUCTS = (
     "checkerboard_before.png", "checkerboard_after.png", "flow.png", "certainty.png", "flow_hist.png",
     "tiles.csv", "tiles.json", "summary.json",
@@ -355,6 +359,8 @@ def write_products(qa_dir: Path, overview: dict, tile_rows: Sequence[dict], meta
         est = np.where(valid, np.asarray(overview["est_error"], np.float32), np.nan)
         _save_fig(_error_figure(est, extent, crop_box), qa_dir / ESTIMATED_ERROR)
         files.insert(files.index("flow_hist.png"), ESTIMATED_ERROR)
+        write_bytes(qa_dir / CHECK_CALIBRATION, (resources.files("soma_cli") / CHECK_CALIBRATION).read_bytes())
+        files.insert(files.index("flow_hist.png"), CHECK_CALIBRATION)
 
     rows = flag_outliers(tile_rows)
     fields = list(TILE_FIELDS) + sorted({k for r in rows for k in r} - set(TILE_FIELDS))

@@ -34,6 +34,9 @@ _IMAGES = (
                              "more than a pixel or two. It reads low: on the held-out test tile, chips whose "
                              "estimate was under 0.5 px were off by more than 3 px in 1 % of cases, those over "
                              "1 px in 66 % (model card, calibration).")),
+    ("check_calibration.png", ("How the estimate compared with the true error on the held-out test tile (128 chips "
+                               "per protocol, each chip's mean estimate against its true relative RMSE): "
+                               "well ranked, but low above 1 px.")),
     ("checkerboard_before.png", ("Reference (grey) and moving image (orange) in alternating squares, before "
                                  "correction: features should continue across the square borders (overview "
                                  "1:{s}; shifts of a few pixels show in the alignment picture above).")),

@@ -102,6 +102,7 @@ def test_register_writes_the_estimate_as_band_4_and_tie_points_use_it(tmp_path):
     assert 0.3 < res.check["share_over_3px"] < 0.45 and res.check["median_px"] < 1
     assert res.verdict["status"] == "doubtful" and "estimated error" in res.verdict["reason"]
     assert (tmp_path / "qa" / "estimated_error.png").is_file()
+    assert (tmp_path / "qa" / "check_calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the shipped plot
     summary = json.loads((tmp_path / "qa" / "summary.json").read_text())
     assert summary["verdict"]["estimated_error"]["share_over_3px"] == res.check["share_over_3px"]
     info = pyogrio.read_info(tp, layer="tiepoints")

@@ -300,4 +300,4 @@ def test_wheel_ships_the_weights_and_nothing_else_from_weights(tmp_path):
     released = sorted(f"soma_cli/weights/{p.name}" for p in (REPO / "weights").glob("soma-*.*")
                       if p.suffix in (".pt", ".json"))
     assert released and shipped == released
-    assert "soma_cli/py.typed" in names
+    assert "soma_cli/py.typed" in names and "soma_cli/check_calibration.png" in names
