@@ -120,10 +120,17 @@ def _interrupt_when(proc, ready, timeout=90.0):
     return time.monotonic() - t0
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as in a terminal, even when the tests run as a background job (whose
+    children inherit SIGINT ignored, and a Python started so never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args, cwd):
     env = _env()
     return subprocess.Popen([sys.executable, "-m", "soma_cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True,
+                            preexec_fn=_default_sigint)
 
 
 def _assert_interrupted(proc, seconds):
@@ -199,22 +206,27 @@ def test_interrupted_library_call_cleans_up_or_is_abandoned(tmp_path):
 
     mine = tmp_path / f".out.tif.{os.getpid()}.abcd.tmp.tif"
     other = tmp_path / ".out.tif.1.abcd.tmp.tif"  # another process's
+    # Ctrl-C raises KeyboardInterrupt here too when the tests run as a background job (SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def stuck(report):
         mine.write_bytes(b"x")
         time.sleep(5)  # does not come back to report
 
-    for call, abandoned in ((reporting, False), (stuck, True)):
-        cleaned.clear()
-        other.write_bytes(b"x")
-        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-        t0 = time.monotonic()
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            interrupt.run_interruptibly(call, lambda *a: None, outputs=(tmp_path / "out.tif",))
-        assert time.monotonic() - t0 < 0.5 + interrupt.GRACE_S + 0.5
-        assert cleaned.is_set() != abandoned
-        assert not mine.exists() and other.exists()
+    try:
+        for call, abandoned in ((reporting, False), (stuck, True)):
+            cleaned.clear()
+            other.write_bytes(b"x")
+            timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+            t0 = time.monotonic()
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                interrupt.run_interruptibly(call, lambda *a: None, outputs=(tmp_path / "out.tif",))
+            assert time.monotonic() - t0 < 0.5 + interrupt.GRACE_S + 0.5
+            assert cleaned.is_set() != abandoned
+            assert not mine.exists() and other.exists()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------- messages
