@@ -262,7 +262,7 @@ def _ahead(items: Iterable[T], load: Callable[[T], R], threads: int) -> Iterator
         for item in items:
             yield item, load(item)
         return
-    with ThreadPoolExecutor(threads, thread_name_prefix="soma-read") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="soma-io") as pool:
         pending: Deque = deque()
         for item in items:
             pending.append((item, pool.submit(load, item)))

@@ -84,27 +84,25 @@ class StripStitcher:
         self._ensure(upto)
         acc = self.acc[:, :n]
         valid = acc[3] > 0
-        safe = np.where(valid, acc[3], 1.0)
-        # divided straight into float32 (each value rounded once, as a float64 quotient would be):
-        # no strip-sized float64 temporaries, which would dominate memory on a wide scene
-        flow = np.empty((2, n, self.width), np.float32)
-        np.divide(acc[:2], safe, out=flow, casting="same_kind")
-        flow[:, ~valid] = np.nan
-        cert = np.empty((n, self.width), np.float32)
-        np.divide(acc[2], safe, out=cert, casting="same_kind")
-        cert[~valid] = 0.0
-        error = None
-        if len(acc) > 4:
-            has = valid & (acc[5] > 0)
-            error = np.empty((n, self.width), np.float32)
-            np.divide(acc[4], np.where(has, acc[5], 1.0), out=error, casting="same_kind")
-            error[~has] = np.nan
+        flow = _quotient(acc[:2], acc[3], valid, np.nan)
+        cert = _quotient(acc[2], acc[3], valid, 0.0)
+        error = _quotient(acc[4], acc[5], valid & (acc[5] > 0), np.nan) if len(acc) > 4 else None
         yield Strip(self.row0, flow, cert, valid, error)
         self.acc = self.acc[:, n:].copy()
         self.row0 = upto
 
     def finish(self) -> Iterator[Strip]:
         yield from self.flush(self.height)
+
+
+def _quotient(num: np.ndarray, den: np.ndarray, where: np.ndarray, fill: float) -> np.ndarray:
+    """``num / den`` as float32 where ``where`` (over the last two axes), else ``fill``.  Divided
+    straight into float32 (each value rounded once, as a float64 quotient would be): no strip-sized
+    float64 temporaries, which would dominate memory on a wide scene."""
+    out = np.empty(num.shape, np.float32)
+    np.divide(num, np.where(where, den, 1.0), out=out, casting="same_kind")
+    out[..., ~where] = fill
+    return out
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from .. import check
-from . import evidence_certainty
+from . import evidence_certainty, min_size, trust_certainty
 
 #: a tile whose estimated error (:func:`~soma_cli.check.tile_error`) exceeds this many pixels is
 #: tried with ``gradient`` too: on T11SMT, 0.5 px tried twice as many geo chips for no gain
@@ -52,9 +52,9 @@ class AutoMatcher:
 
     def __init__(self, network, fallback):
         self.network, self.fallback = network, fallback
-        self.trust_certainty = float(getattr(network, "trust_certainty", 0.5))
+        self.trust_certainty = trust_certainty(network)
         self.evidence_certainty = evidence_certainty(network)
-        self.min_size = max(int(getattr(m, "min_size", 1)) for m in (network, fallback))
+        self.min_size = max(min_size(m) for m in (network, fallback))
         self.fallback_tiles = 0  # tiles that took the fallback's answer, over the matcher's life
 
     @property
