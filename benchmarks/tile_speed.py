@@ -7,7 +7,7 @@ Loads each file with the project's loader (with ``--older``, files whose metadat
 longer reads, such as an earlier release's weights, are loaded by ``torch.jit.load`` alone), takes the first 512 px chip of one pair (the optical
 reference and its SAR), and times ``infer.run_model`` after one warm-up call; prints the best and
 the median of ``--repeats`` calls.  ``--no-allocator-tuning`` leaves glibc's allocator as it is
-(the `soma` matcher otherwise calls ``infer.tune_cpu_allocator``; the setting is process-wide, so
+(the `soma` matcher otherwise calls ``cpu.tune_allocator``; the setting is process-wide, so
 compare the two cases in separate runs).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from soma_cli import evaluate, infer
+from soma_cli import cpu, evaluate, infer
 from soma_cli.errors import WeightsError
 from soma_cli.io.dataset import list_pairs, read_pair
 from soma_cli.model.loader import load_weights
@@ -40,7 +40,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if not a.no_allocator_tuning:
-        infer.tune_cpu_allocator()
+        cpu.tune_allocator()
     entry = list_pairs(a.data_dir, [a.split])[a.pair]
     chip = evaluate.base_chips(read_pair(entry), 512)[0][0]
 

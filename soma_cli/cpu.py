@@ -1,4 +1,7 @@
-"""How many CPU threads a run should use right now.
+"""The CPU resources of a run: how many threads to use right now, and the C allocator.
+
+Threads
+-------
 
 Torch's CPU kernels run on an OpenMP team of N threads and every parallel region waits for its
 slowest thread. When another process occupies a core, one of the N threads is descheduled for a
@@ -11,11 +14,20 @@ laptops) are the normal case, so the default thread count follows the cores that
 measured from the CPU times since the previous call (``psutil``), and re-read before every batch
 of tiles, so a competitor that starts or stops mid-run is followed. A thread count given by the
 user (``--threads``) is used as is.
+
+Allocator
+---------
+The network allocates and frees many 4-50 MB tensors per tile; :func:`tune_allocator` lets glibc
+keep them for reuse (10 % faster per tile on the 2-core machine), which keeps about 1 GB resident
+while tiles are matched; :func:`release_heap` hands that back once matching is done, so the passes
+after it (repair, warping, writing, QA) do not stack their memory on top.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import time
 from typing import Optional, Tuple
 
@@ -77,3 +89,46 @@ def io_threads(gpu: bool) -> Tuple[int, int]:
     whose parallel regions then all wait (the module doc)."""
     n = max(1, min(4, usable_cores() // 4))
     return (n if gpu else 0), n
+
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_TOP_PAD = -2
+_M_MMAP_THRESHOLD = -3
+
+
+def _glibc():
+    """glibc's ``libc.so.6``, or None where the C library is another."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def tune_allocator() -> bool:
+    """Let glibc keep freed memory for reuse instead of handing every large block back to the OS.
+
+    By default glibc serves each large block with a fresh ``mmap`` and returns it on ``free``, so
+    every allocation of the network pays page faults.  With this setting blocks up to 32 MB come
+    from the heap, and up to 1 GiB of free heap is kept.  Process-wide and idempotent, like
+    ``torch.set_num_threads``; a no-op (returns False) where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
+    ok = libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
+    ok = libc.mallopt(_M_TOP_PAD, 64 << 20) == 1 and ok
+    return ok
+
+
+def release_heap() -> bool:
+    """Return the free memory glibc keeps (``malloc_trim``) to the OS; False where there is no glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from typing import Optional, Tuple
 
 import numpy as np
@@ -28,34 +26,6 @@ def set_threads(n: int) -> None:
     """Torch's CPU threads for the next network calls (process-wide)."""
     if torch.get_num_threads() != int(n):
         torch.set_num_threads(int(n))
-
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD = -1
-_M_TOP_PAD = -2
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_cpu_allocator() -> bool:
-    """Let glibc keep freed memory for reuse instead of handing every large block back to the OS.
-
-    The network allocates and frees many 4-50 MB intermediate tensors per tile. By default glibc
-    serves each of them with a fresh ``mmap`` and returns it on ``free``, so every allocation pays
-    page faults, a few percent of a 512 px tile's time on a 2-core machine.  With this setting
-    blocks up to 32 MB come from the heap, and up to 1 GiB of free heap is kept.
-    Process-wide and idempotent, like ``torch.set_num_threads``; a no-op (returns False) where the C
-    library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1 and ok
-    ok = mallopt(_M_TOP_PAD, 64 << 20) == 1 and ok
-    return ok
 
 
 def _pad_to(x: torch.Tensor, mult: int) -> torch.Tensor:

@@ -380,6 +380,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, read_ahead, progress):
             scratch.write(strip)
             raw.add(strip, area.row, area.col, evidence.trusted_rows(strip.row0, strip.flow.shape[1]))
+        cpu.release_heap()  # what the matcher kept for its next tile (cpu.tune_allocator)
         scene = _SceneField(raw, area, opts.repair, trust_certainty(matcher))
         # measure the field before writing it, so that a failed registration is never written
         log = measure(scene.apply(scratch) if scene.prior is not None else scene.unmoved(scratch))
@@ -387,7 +388,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         products = register_qa.overview_products(pair, sar_scale, log.overview,
                                                  affine if opts.mode == "affine" else None)
         checked = check.summary(raw.errors()[raw.trusted_mask()]) if opts.check else None
-        verdict = judge(coverage(raw.arrays()[4], level), *qa.scene_similarity(products),
+        verdict = judge(coverage(raw.certainties(), level), *qa.scene_similarity(products),
                         log.repaired / max(log.valid_px, 1),
                         # no trusted sample to fit: no tile counts as having evidence
                         evidence.coverage if scene.prior is not None else [0.0] * len(evidence.coverage),

@@ -9,7 +9,7 @@ out (``flush``) as soon as no later tile can touch them, so scenes larger than R
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -48,14 +48,19 @@ class StripStitcher:
     def __init__(self, height: int, width: int, overlap: int, eps: float = 1e-3, errors: bool = False):
         self.height, self.width, self.overlap, self.eps = height, width, overlap, eps
         self.row0 = 0  # first row held in the buffer
+        self.rows = 0  # rows of the buffer in use (from row0)
         # accumulators, each (rows, width) per channel: flow (2), certainty, weight, and with
-        # ``errors`` the weighted error and the weight of the tiles with an error
+        # ``errors`` the weighted error and the weight of the tiles with an error; the buffer grows
+        # to the tallest span of unfinished rows (a tile row) and is reused from then on
         self.acc = np.zeros((6 if errors else 4, 0, width), np.float64)
 
     def _ensure(self, last_row: int) -> None:
-        extra = last_row - self.row0 - self.acc.shape[1]
-        if extra > 0:
-            self.acc = np.concatenate([self.acc, np.zeros((self.acc.shape[0], extra, self.width))], axis=1)
+        need = last_row - self.row0
+        if need > self.acc.shape[1]:
+            grown = np.zeros((self.acc.shape[0], need, self.width))
+            grown[:, :self.rows] = self.acc[:, :self.rows]
+            self.acc = grown
+        self.rows = max(self.rows, need)
 
     def add(self, tile: Tile, flow: np.ndarray, certainty: np.ndarray, mask: Optional[np.ndarray] = None,
             error: Optional[np.ndarray] = None) -> None:
@@ -88,8 +93,10 @@ class StripStitcher:
         cert = _quotient(acc[2], acc[3], valid, 0.0)
         error = _quotient(acc[4], acc[5], valid & (acc[5] > 0), np.nan) if len(acc) > 4 else None
         yield Strip(self.row0, flow, cert, valid, error)
-        self.acc = self.acc[:, n:].copy()
-        self.row0 = upto
+        rest = self.rows - n  # unfinished rows move to the top of the buffer, the rest is cleared
+        self.acc[:, :rest] = self.acc[:, n:self.rows]
+        self.acc[:, rest:self.rows] = 0.0
+        self.rows, self.row0 = rest, upto
 
     def finish(self) -> Iterator[Strip]:
         yield from self.flush(self.height)
@@ -105,20 +112,19 @@ def _quotient(num: np.ndarray, den: np.ndarray, where: np.ndarray, fill: float) 
     return out
 
 
-@dataclass
 class FlowSamples:
     """Flow samples every :data:`SAMPLE_STEP` pixels (absolute reference pixels), gathered strip by
     strip, for the scene-wide affine fit, the repair prior and the run summary.  Each sample
     remembers whether it lies in a trusted tile (one with evidence, :mod:`soma_cli.verdict`): the
-    fit uses those only; and its estimated error, when the strips carry one."""
+    fit uses those only; and its estimated error, when the strips carry one.  Coordinates are kept
+    as int32 and values as float32 (about 30 bytes a sample: 60 MB for a 10980 px scene), and the
+    strips' parts are merged into one array each on first use."""
 
-    x: List[np.ndarray] = field(default_factory=list)
-    y: List[np.ndarray] = field(default_factory=list)
-    dx: List[np.ndarray] = field(default_factory=list)
-    dy: List[np.ndarray] = field(default_factory=list)
-    cert: List[np.ndarray] = field(default_factory=list)
-    trusted: List[np.ndarray] = field(default_factory=list)
-    error: List[np.ndarray] = field(default_factory=list)
+    _FIELDS = {"x": np.int32, "y": np.int32, "dx": np.float32, "dy": np.float32, "cert": np.float32,
+               "trusted": bool, "error": np.float32}
+
+    def __init__(self) -> None:
+        self._parts: dict = {name: [] for name in self._FIELDS}
 
     def add(self, strip: Strip, row_abs0: int, col_abs0: int, trusted: Optional[np.ndarray] = None) -> None:
         """Sample a strip of an area whose origin is absolute pixel ``(col_abs0, row_abs0)``;
@@ -127,34 +133,45 @@ class FlowSamples:
         if not rows.size:
             return
         f = strip.flow[:, rows, ::SAMPLE_STEP]
-        c = strip.certainty[rows, ::SAMPLE_STEP]
         ok = np.isfinite(f).all(0)
         yy, xx = np.meshgrid(rows + strip.row0 + row_abs0,
                              np.arange(0, strip.flow.shape[2], SAMPLE_STEP) + col_abs0, indexing="ij")
-        self.x.append(xx[ok]), self.y.append(yy[ok]), self.dx.append(f[0][ok]), self.dy.append(f[1][ok])
-        self.cert.append(c[ok])
-        self.trusted.append(np.ones(int(ok.sum()), bool) if trusted is None else trusted[rows, ::SAMPLE_STEP][ok])
-        self.error.append(np.full(int(ok.sum()), np.nan, np.float32) if strip.error is None
-                          else strip.error[rows, ::SAMPLE_STEP][ok])
+        n = int(ok.sum())
+        parts = {"x": xx[ok], "y": yy[ok], "dx": f[0][ok], "dy": f[1][ok],
+                 "cert": strip.certainty[rows, ::SAMPLE_STEP][ok],
+                 "trusted": np.ones(n, bool) if trusted is None else trusted[rows, ::SAMPLE_STEP][ok],
+                 "error": np.full(n, np.nan) if strip.error is None else strip.error[rows, ::SAMPLE_STEP][ok]}
+        for name, kind in self._FIELDS.items():
+            self._parts[name].append(np.asarray(parts[name], kind))
+
+    def _merged(self, name: str) -> np.ndarray:
+        parts = self._parts[name]
+        if len(parts) != 1:
+            parts[:] = [np.concatenate(parts) if parts else np.zeros(0, self._FIELDS[name])]
+        return parts[0]
 
     def arrays(self) -> Tuple[np.ndarray, ...]:
         """``(x, y, dx, dy, certainty)`` of every sample."""
-        cat = lambda a: np.concatenate(a) if a else np.zeros(0)  # noqa: E731
-        return cat(self.x), cat(self.y), cat(self.dx), cat(self.dy), cat(self.cert)
+        return tuple(self._merged(name) for name in ("x", "y", "dx", "dy", "cert"))
+
+    def certainties(self) -> np.ndarray:
+        """Per sample (in :meth:`arrays` order): its certainty."""
+        return self._merged("cert")
 
     def errors(self) -> np.ndarray:
         """Per sample (in :meth:`arrays` order): its estimated error (NaN where none)."""
-        return np.concatenate(self.error) if self.error else np.zeros(0, np.float32)
+        return self._merged("error")
 
     def trusted_mask(self) -> np.ndarray:
         """Per sample (in :meth:`arrays` order): does it lie in a trusted tile?"""
-        return np.concatenate(self.trusted) if self.trusted else np.zeros(0, bool)
+        return self._merged("trusted")
 
     def fit(self) -> Tuple[np.ndarray, dict]:
         """Robust, certainty-weighted global affine of the samples in trusted tiles: ``(2x3, stats)``."""
         x, y, dx, dy, cert = (a[self.trusted_mask()] for a in self.arrays())
         if x.size < 6:
             raise MatchError("no valid flow estimate in the overlap")
+        x, y = x.astype(np.float64), y.astype(np.float64)
         return coords.fit_affine_points_np(x, y, x + dx, y + dy, np.maximum(cert, 1e-3))
 
 

@@ -1,6 +1,16 @@
 """Behaviour is pinned: the example's outputs and a small evaluate subset match recorded values
 (torch on one thread, pinned: by default the thread count follows the free cores).  A change that
-moves them on purpose updates the values here and says why in the commit message."""
+moves them on purpose updates the values here and says why in the commit message.
+
+The gradient matcher's example outputs are pinned bit for bit, its evaluate metrics within 0.01 %
+(numpy's vectorised math follows the CPU's instruction set too: the relative metrics moved by up
+to 5e-6 between two CPU models).
+The network's convolutions take
+CPU-dependent code paths (oneDNN picks its kernels by instruction set), which move its outputs by
+about 1e-4 px from one CPU model to another, so its pins have a tolerance far below what a change of
+behaviour moves: the flow within 0.02 px and the certainty within 0.01 on a grid of every 8th
+pixel (tests/data/golden_example_soma.npz), the aligned pixels within 2 grey levels there, the
+mask exactly, and evaluate's metrics within 0.2 %."""
 
 import hashlib
 from pathlib import Path
@@ -14,9 +24,9 @@ from soma_cli.pipeline import RegisterOptions, register
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
+SOMA_GRID = Path(__file__).resolve().parent / "data" / "golden_example_soma.npz"  # every 8th pixel from (3, 3)
+SOMA_MASK = "3fe9e9fd7ba0f22e2abba722a4f7a5aa19752f6e4ab1f159526d836f9057c935"
 PIXELS = {
-    "aligned_soma": "28adbb5288c4a4122b8f3255adbfc6930f94f1f04d040f3b5025c30063968757:3fe9e9fd7ba0f22e2abba722a4f7a5aa19752f6e4ab1f159526d836f9057c935",
-    "disp_soma": "5abfa12e7b62e5a306e9feeca265ab0b3201d2e748de20e1efee1817776e4979",
     "aligned_gradient": "dae6a1d3240425115476da1bc0e8a48262278f5d3fb0565c88adf42f88b39f13:2e29dcb2fbe5f40386469cf15b0a77d3660f82a8d38a041c821ff9fc6facbf07",
     "disp_gradient": "07a3105cc9335f52d273ec3d35e931e4248befec8e1e69d0c1c57a2d21eab0b3"
 }
@@ -73,9 +83,21 @@ def test_example_outputs_unchanged(tmp_path, method):
     register(RegisterOptions(sar=EXAMPLES / "s1_vh.tif", opt=EXAMPLES / "s2_rgb.tif", out=out, flow_out=disp,
                              method=method, threads=1))
     with rasterio.open(out) as s:
-        assert _sha(s.read()) + ":" + _sha(s.dataset_mask()) == PIXELS[f"aligned_{method}"]
+        aligned, mask = s.read(), s.dataset_mask()
     with rasterio.open(disp) as s:
-        assert _sha(s.read([1, 2, 3])) == PIXELS[f"disp_{method}"]
+        flow = s.read([1, 2, 3])
+    if method == "gradient":
+        assert _sha(aligned) + ":" + _sha(mask) == PIXELS[f"aligned_{method}"]
+        assert _sha(flow) == PIXELS[f"disp_{method}"]
+        return
+    ref = np.load(SOMA_GRID)
+    assert _sha(mask) == SOMA_MASK
+    got = flow[:, 3::8, 3::8]
+    assert np.array_equal(np.isnan(got), np.isnan(ref["flow"]))
+    np.testing.assert_allclose(got[:2], ref["flow"][:2], atol=0.02, equal_nan=True)
+    np.testing.assert_allclose(got[2], ref["flow"][2], atol=0.01, equal_nan=True)
+    diff = np.abs(aligned[:, 3::8, 3::8].astype(int) - ref["aligned"].astype(int))
+    assert diff.max() <= 2 and np.mean(diff == 0) > 0.98
 
 
 def test_evaluate_subset_unchanged(shared_data):
@@ -83,5 +105,6 @@ def test_evaluate_subset_unchanged(shared_data):
                matcher_options={"threads": 1})
     for method, expected in EVALUATE_T11SLT_1PAIR_GEO.items():
         got = r["methods"][method]
+        rel = 2e-3 if method == "soma" else 1e-4  # the module doc
         for key, value in expected.items():
-            assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), (method, key)
+            assert got[key] == pytest.approx(value, rel=rel, abs=1e-12), (method, key)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from soma_cli import infer
+from soma_cli import cpu, infer
 from soma_cli.errors import WeightsError
 from soma_cli.model import correlation as corr_ops
 from soma_cli.model import encoder, geometry, loader, net
@@ -479,12 +479,14 @@ def test_identical_inputs_zero_flow_with_shipped_weights():
 
 def test_cpu_allocator_tuning_applies_on_glibc():
     """The soma matcher's allocator setting takes effect where the C library is glibc (mallopt
-    accepts all three parameters); elsewhere it reports that it did nothing."""
+    accepts all three parameters), and so does handing the kept memory back; elsewhere both report
+    that they did nothing."""
     import platform
 
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert infer.tune_cpu_allocator() is expected
-    assert infer.tune_cpu_allocator() is expected  # idempotent
+    assert cpu.tune_allocator() is expected
+    assert cpu.tune_allocator() is expected  # idempotent
+    assert cpu.release_heap() is expected
 
 
 def test_global_search_radius_follows_small_tiles_only():

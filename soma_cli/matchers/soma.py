@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .. import infer
-from ..cpu import CpuShare
+from .. import cpu, infer
 from ..model.loader import load_weights
 
 
@@ -28,11 +27,11 @@ class SomaMatcher:
                  threads: Optional[int] = None):
         self.device = infer.resolve_device(device or "auto")
         if self.device.type == "cpu":
-            infer.tune_cpu_allocator()
+            cpu.tune_allocator()
         self.model, self.metadata = load_weights(weights, device=str(self.device))
         self.batch_size = batch_size
         self.multiple = int(self.metadata["tile_multiple"])
-        self.cpu = CpuShare(threads)
+        self.cpu = cpu.CpuShare(threads)
         if self.cpu.pinned:
             infer.set_threads(self.cpu.pinned)
 
