@@ -244,7 +244,8 @@ def test_strided_window_zncc_equals_the_dense_one_subsampled():
 
 def test_box_matches_pooling():
     """The cumulative-sum box equals separable average pooling that averages only what lies inside,
-    for small and large windows, windows wider than the image included."""
+    for small and large windows, windows wider than the image included; with a step it gives the
+    subsampled values bit for bit, and under autograd the same values as without."""
     x = torch.randn(2, 3, 40, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for k in (3, 5, 9, 15, 17, 31, 61):
         ref = F.avg_pool2d(x, [1, k], 1, [0, k // 2], count_include_pad=False)
@@ -252,6 +253,11 @@ def test_box_matches_pooling():
         assert torch.allclose(corr_ops.box(x, k), ref, atol=1e-9), k
     wide = corr_ops.box(x, 121)  # wider than the image: every position averages the whole image
     assert torch.allclose(wide, x.mean((2, 3), keepdim=True).expand_as(x), atol=1e-9)
+    for k in (9, 61):
+        for step in (2, 3, 4):
+            assert torch.equal(corr_ops.box(x, k, step), geometry.subsample(corr_ops.box(x, k), step)), (k, step)
+        tracked = corr_ops.box(x.clone().requires_grad_(True), k)
+        assert tracked.requires_grad and torch.equal(tracked.detach(), corr_ops.box(x, k)), k
 
 
 def test_consensus_support_counts_beyond_the_border_as_zero_weight():

@@ -35,31 +35,60 @@ def box_1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
         return x.mean(dim, keepdim=True).expand_as(x).contiguous()
     shape = [1, 1, 1, n] if dim == 3 else [1, 1, n, 1]
     c = torch.cumsum(x, dim)
-    # window sum at i: c[min(i + r, n - 1)] - c[i - r - 1] (nothing to subtract for i <= r)
-    s = torch.cat([c.narrow(dim, r, n - r), c.narrow(dim, n - 1, 1).expand_as(c.narrow(dim, 0, r))], dim)
-    s.narrow(dim, r + 1, n - r - 1).sub_(c.narrow(dim, 0, n - r - 1))
-    return s / window_counts(n, k, x.device, x.dtype).view(shape)
+    # window sum at i: c[min(i + r, n - 1)] - c[i - r - 1] (nothing to subtract for i <= r), written
+    # in three ranges straight into the output
+    s = torch.empty_like(c)
+    track = x.requires_grad  # autograd cannot write into s by out=: copy the differences instead
+    first = min(r, n - 1 - r) + 1  # i <= r, i + r inside: c[i + r]
+    s.narrow(dim, 0, first).copy_(c.narrow(dim, r, first))
+    m = n - 2 * r - 1  # r < i, i + r inside: c[i + r] - c[i - r - 1]
+    if m > 0:
+        _difference(c.narrow(dim, 2 * r + 1, m), c.narrow(dim, 0, m), s.narrow(dim, r + 1, m), track)
+    lo = max(r + 1, n - r)  # r < i, i + r beyond the end: c[n - 1] - c[i - r - 1]
+    if n > lo:
+        _difference(c.narrow(dim, n - 1, 1).expand_as(c.narrow(dim, lo, n - lo)), c.narrow(dim, lo - r - 1, n - lo),
+                    s.narrow(dim, lo, n - lo), track)
+    if r >= n - r:  # i <= r, i + r beyond the end (a window wider than the axis): c[n - 1]
+        s.narrow(dim, n - r, 2 * r - n + 1).copy_(c.narrow(dim, n - 1, 1).expand_as(s.narrow(dim, n - r, 2 * r - n + 1)))
+    return s.div_(window_counts(n, k, x.device, x.dtype).view(shape))
 
 
-def box(x: torch.Tensor, k: int) -> torch.Tensor:
+def _difference(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, track: bool) -> None:
+    """``out[...] = a - b``, without a temporary unless autograd ``track`` s it."""
+    if track:
+        out.copy_(a - b)
+    else:
+        torch.sub(a, b, out=out)
+
+
+def box(x: torch.Tensor, k: int, step: int = 1) -> torch.Tensor:
     """Mean over a ``k x k`` window (odd ``k``; stride 1, same size; borders average what is inside),
     as two separable passes of cumulative sums (4-5 times faster than average pooling on a CPU, even
-    for 5 px windows; they agree to 1e-5)."""
-    y = box_1d(x, k, 3).transpose(2, 3).contiguous()
-    return box_1d(y, k, 3).transpose(2, 3).contiguous()
+    for 5 px windows; they agree to 1e-5).  With ``step`` > 1, only at the positions of
+    :func:`geometry.subsample` (the same values; the second pass runs on those columns only)."""
+    o = step // 2
+    y = box_1d(x, k, 3)
+    if step > 1:
+        y = y[:, :, :, o::step]
+    y = box_1d(y.transpose(2, 3).contiguous(), k, 3)
+    if step > 1:
+        y = y[:, :, :, o::step]
+    return y.transpose(2, 3).contiguous()
 
 
-def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1, block_bytes: int = 1 << 21) -> torch.Tensor:
+def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1, block_bytes: int = 1 << 21,
+               sampled: bool = False) -> torch.Tensor:
     """``(B, (2r+1)^2, H', W')``: ``<f1(q), f2(q + (dx, dy))>`` for ``dy, dx`` in ``[-r, r]`` (dy outer),
-    at the positions ``q`` of :func:`geometry.subsample` (all of them when ``step`` is 1).
+    at the positions ``q`` of :func:`geometry.subsample` (all of them when ``step`` is 1); with
+    ``sampled``, ``f1`` holds only those positions already (``f2`` always the whole level).
 
     Computed a block of output rows at a time, about ``block_bytes`` of products per shift, which
     stays in a core's cache (a whole level does not, and its products are memory-bound); each
     element is computed as over the whole level."""
-    w = f1.shape[-1]
+    w = f2.shape[-1]
     o = step // 2  # geometry.subsample's first position, on the channels-last layout below
     # channels last: the per-shift channel sums run over contiguous memory (twice as fast on a CPU)
-    a = geometry.subsample(f1, step).permute(0, 2, 3, 1).contiguous()
+    a = (f1 if sampled else geometry.subsample(f1, step)).permute(0, 2, 3, 1).contiguous()
     f2p = F.pad(f2, [r, r, r, r]).permute(0, 2, 3, 1).contiguous()
     n = 2 * r + 1
     hs = a.shape[1]
@@ -114,23 +143,17 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 
 
     Computed from box filters: ``sum(f1 f2) - <mean f1, mean f2>`` over the window, divided by the
     square root of both windows' variances (shifted to ``q + d`` for ``f2``)."""
-    m1 = box(f1, k)
+    # the window statistics of f1 are only needed where windows are scored, those of f2 around them
+    m1 = box(f1, k, step)
     m2 = box(f2, k)
-    v1 = (box((f1 * f1).sum(1, keepdim=True), k) - (m1 * m1).sum(1, keepdim=True)).clamp(min=0.0)
+    v1 = (box((f1 * f1).sum(1, keepdim=True), k, step) - (m1 * m1).sum(1, keepdim=True)).clamp(min=0.0)
     v2 = (box((f2 * f2).sum(1, keepdim=True), k) - (m2 * m2).sum(1, keepdim=True)).clamp(min=0.0)
-    if step == 1:
-        prod = box(local_corr(f1, f2, r), k)
-    else:
-        # window sums along each row, only the kept columns; then (transposed, so that the cumulative
-        # sum runs over contiguous memory) along each column, only the kept rows
-        o = step // 2
-        prod = box_1d(local_corr(f1, f2, r), k, 3)[:, :, :, o::step].transpose(2, 3).contiguous()
-        prod = box_1d(prod, k, 3)[:, :, :, o::step].transpose(2, 3)
-    num = prod - local_corr(m1, m2, r, step)
+    prod = box(local_corr(f1, f2, r), k, step)
+    num = prod - local_corr(m1, m2, r, step, sampled=True)
     # a window without variance has no correlation: it scores 0 (num / eps would be huge along the
     # borders, where shifted() reads zero variance); a shift whose window centre lies outside the
     # image is no candidate: -1; rounding in the box sums can push |z| past 1: clamped
-    vv = geometry.subsample(v1, step) * shifted(v2, r, step)
+    vv = v1 * shifted(v2, r, step)
     ok = vv > 1e-6
     z = num / torch.sqrt(torch.where(ok, vv, torch.ones_like(vv)))
     z = torch.where(ok, z, torch.zeros_like(z)).clamp(-1.0, 1.0)
