@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +37,51 @@ def _pad_to(x: torch.Tensor, mult: int) -> torch.Tensor:
     return x
 
 
+def _inputs(opt: np.ndarray, sar: np.ndarray, opt_valid: Optional[np.ndarray],
+            sar_valid: Optional[np.ndarray]) -> Tuple[np.ndarray, ...]:
+    """The tiles as float32 and their valid masks (non-finite pixels invalid), checked."""
+    opt = np.asarray(opt, np.float32)
+    sar = np.asarray(sar, np.float32)
+    if opt.ndim != 3 or opt.shape != sar.shape:
+        raise ConfigError(f"optical {opt.shape} and SAR {sar.shape} tiles must be (B, H, W) of one shape")
+    vo = np.ones_like(opt, bool) if opt_valid is None else np.asarray(opt_valid, bool)
+    vs = np.ones_like(sar, bool) if sar_valid is None else np.asarray(sar_valid, bool)
+    return opt, sar, vo & np.isfinite(opt), vs & np.isfinite(sar)
+
+
+def _tensors(opt, sar, vo, vs, sl: slice, device: torch.device, multiple: int) -> List[torch.Tensor]:
+    """Slice ``sl`` of the tiles as padded ``(b, 1, H', W')`` tensors: optical and SAR (zero where
+    invalid) and their valid masks."""
+    to = torch.from_numpy(np.nan_to_num(opt[sl])).unsqueeze(1).to(device)
+    ts = torch.from_numpy(np.nan_to_num(sar[sl])).unsqueeze(1).to(device)
+    tvo = torch.from_numpy(vo[sl].astype(np.float32)).unsqueeze(1).to(device)
+    tvs = torch.from_numpy(vs[sl].astype(np.float32)).unsqueeze(1).to(device)
+    to, ts, tvo, tvs = (_pad_to(t, multiple) for t in (to, ts, tvo, tvs))
+    return [to * tvo, ts * tvs, tvo, tvs]
+
+
+def global_rotations(
+    model: torch.nn.Module,
+    opt: np.ndarray,
+    sar: np.ndarray,
+    opt_valid: Optional[np.ndarray] = None,
+    sar_valid: Optional[np.ndarray] = None,
+    batch_size: int = 4,
+    device: torch.device = torch.device("cpu"),
+    multiple: int = TILE_MULTIPLE,
+) -> np.ndarray:
+    """``(B,)`` degrees: the rotation the network's global stage picks on each tile (its coarse
+    level alone; tiles as :func:`run_model` takes them)."""
+    opt, sar, vo, vs = _inputs(opt, sar, opt_valid, sar_valid)
+    step = max(int(batch_size), 1) if device.type == "cuda" else 1
+    out = np.zeros(len(opt))
+    with torch.inference_mode():
+        for i in range(0, len(opt), step):
+            sl = slice(i, i + step)
+            out[sl] = model.global_rotation(*_tensors(opt, sar, vo, vs, sl, device, multiple)).double().cpu().numpy()
+    return out
+
+
 def run_model(
     model: torch.nn.Module,
     opt: np.ndarray,
@@ -46,36 +91,30 @@ def run_model(
     batch_size: int = 4,
     device: torch.device = torch.device("cpu"),
     multiple: int = TILE_MULTIPLE,
+    rotation: Optional[float] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """``opt``/``sar`` float32 ``(B, H, W)`` standardised -> flow ``(B, 2, H, W)``, certainty
     ``(B, H, W)``.  Tiles are padded (bottom/right, invalid) to a multiple of ``multiple`` and
     cropped back; certainty is 0 where the optical pixel is invalid or its match lands on invalid
-    SAR.
+    SAR.  ``rotation`` (degrees): the one rotation the global stage searches (the scene's,
+    :mod:`soma_cli.scene_rotation`), instead of all its hypotheses.
 
     ``batch_size`` tiles go through the network together on CUDA; on the CPU they go one at a time,
     because a batch only adds memory traffic there (4 tiles of 512 px together took 2.1 times as
     long as one after another on the 2-core machine, most of it in page faults)."""
-    opt = np.asarray(opt, np.float32)
-    sar = np.asarray(sar, np.float32)
-    if opt.ndim != 3 or opt.shape != sar.shape:
-        raise ConfigError(f"optical {opt.shape} and SAR {sar.shape} tiles must be (B, H, W) of one shape")
+    opt, sar, vo, vs = _inputs(opt, sar, opt_valid, sar_valid)
     b, h, w = opt.shape
-    vo = np.ones_like(opt, bool) if opt_valid is None else np.asarray(opt_valid, bool)
-    vs = np.ones_like(sar, bool) if sar_valid is None else np.asarray(sar_valid, bool)
-    vo = vo & np.isfinite(opt)
-    vs = vs & np.isfinite(sar)
     flows = np.zeros((b, 2, h, w), np.float32)
     certs = np.zeros((b, h, w), np.float32)
     step = max(int(batch_size), 1) if device.type == "cuda" else 1
     with torch.inference_mode():
         for i in range(0, b, step):
             sl = slice(i, i + step)
-            to = torch.from_numpy(np.nan_to_num(opt[sl])).unsqueeze(1).to(device)
-            ts = torch.from_numpy(np.nan_to_num(sar[sl])).unsqueeze(1).to(device)
-            tvo = torch.from_numpy(vo[sl].astype(np.float32)).unsqueeze(1).to(device)
-            tvs = torch.from_numpy(vs[sl].astype(np.float32)).unsqueeze(1).to(device)
-            to, ts, tvo, tvs = (_pad_to(t, multiple) for t in (to, ts, tvo, tvs))
-            flow, cert = model(to * tvo, ts * tvs, tvo, tvs)
+            inputs = _tensors(opt, sar, vo, vs, sl, device, multiple)
+            if rotation is None:
+                flow, cert = model(*inputs)
+            else:
+                flow, cert = model(*inputs, rotation=torch.full((inputs[0].shape[0],), float(rotation), device=device))
             flows[sl] = flow[:, :, :h, :w].float().cpu().numpy()
             certs[sl] = cert[:, 0, :h, :w].float().cpu().numpy()
     certs = np.where(vo, certs, 0.0).astype(np.float32)

@@ -1,12 +1,13 @@
 """The one orchestrator of ``soma register``.
 
-    read and align inputs -> tile -> match -> stitch the flow -> repair -> judge -> warp and write -> QA
-                                                                                 -> tie points
+    read and align inputs -> tile -> (scene rotation) -> match -> stitch the flow -> repair -> judge
+        -> warp and write -> QA, tie points
 
 Memory is bounded by a strip of rows (about two tiles high) times the scene width, whatever the
-scene size: tiles are matched in row-major order (each recording its evidence and, with the check,
-its estimated error, :mod:`~soma_cli.check`) and stitched into strips; the strips go to a scratch
-file.  Once the scene-wide fit of the trusted tiles is known, they are read back, repaired and
+scene size: on a large layout the matcher first finds the scene's rotation on a few seed tiles
+(:mod:`~soma_cli.scene_rotation`), then tiles are matched in row-major order (each recording its
+evidence and, with the check, its estimated error, :mod:`~soma_cli.check`) and stitched into
+strips; the strips go to a scratch file.  Once the scene-wide fit of the trusted tiles is known, they are read back, repaired and
 written back in place while the applied field is measured (its overview and the edge similarity
 it gives, for the verdict); then the scratch file is read once more to warp and write the field,
 or, when the verdict is failed, the moving image unmoved.  Tiles are read ahead (beside a GPU
@@ -29,13 +30,14 @@ from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tu
 
 import numpy as np
 
-from . import check, coords, cpu, preprocess, qa, register_qa, tiling
+from . import check, coords, cpu, preprocess, qa, register_qa, scene_rotation, tiling
 from .errors import ConfigError, GeoreferenceError, InputError, OutputError, RegistrationFailed
 from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.sinks import FlowScratch, FlowSink, ImageSink, strip_rows, write_relocated, write_with_gcps
 from .io.tiepoints import write_tiepoints
 from .io.write import check_output
-from .matchers import Matcher, evidence_certainty, get_matcher, min_size, trust_certainty
+from .matchers import Matcher, evidence_certainty, get_matcher, min_size, rotation_searcher, trust_certainty
+from .matchers import scene_rotation as searching
 from .stitch import FlowPrior, FlowSamples, Strip, StripStitcher
 from .tiepoints import TiePoints, TiePointSampler
 from .verdict import TileEvidence, coverage, judge
@@ -106,6 +108,7 @@ class RegisterResult:
     evidence_certainty: float = 0.5
     verdict: Dict[str, object] = field(default_factory=dict)
     check: Optional[dict] = None  # the estimated error over the trusted tiles (check.summary), with --check
+    scene_rotation: Optional[float] = None  # degrees, the one rotation every tile searched (None: all)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -255,6 +258,18 @@ class _TileMatcher:
                                    **({} if err is None else {"est_error": check.tile_error(err[i])})})
 
 
+def _scene_rotation(tiles: List[tiling.Tile], match: _TileMatcher) -> Optional[float]:
+    """The rotation (degrees) the matcher's global stage picks on most seed tiles
+    (:mod:`soma_cli.scene_rotation`), or None: a small layout, a matcher without such a stage, or
+    seeds that disagree."""
+    searcher = rotation_searcher(match.matcher)
+    if searcher is None or len(tiles) < scene_rotation.MIN_TILES:
+        return None
+    ref, mov, rv, mv = match.read(scene_rotation.seeds(tiles))
+    inputs = (ref, mov, rv, mv) if match.pair.ref_is_optical else (mov, ref, mv, rv)
+    return scene_rotation.agreed(searcher.seed_rotations(*inputs), (rv & mv).mean(axis=(1, 2)))
+
+
 def _ahead(items: Iterable[T], load: Callable[[T], R], threads: int) -> Iterator[Tuple[T, R]]:
     """``(item, load(item))`` in order, with up to ``threads`` items loaded ahead in background
     threads while the caller works on the current one (none: loaded in turn)."""
@@ -377,9 +392,11 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
     with ExitStack() as stack:
         scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width, opts.check))
         raw = FlowSamples()
-        for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, read_ahead, progress):
-            scratch.write(strip)
-            raw.add(strip, area.row, area.col, evidence.trusted_rows(strip.row0, strip.flow.shape[1]))
+        rotation = _scene_rotation(tiles, match)
+        with searching(matcher, rotation):
+            for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, read_ahead, progress):
+                scratch.write(strip)
+                raw.add(strip, area.row, area.col, evidence.trusted_rows(strip.row0, strip.flow.shape[1]))
         cpu.release_heap()  # what the matcher kept for its next tile (cpu.tune_allocator)
         scene = _SceneField(raw, area, opts.repair, trust_certainty(matcher))
         # measure the field before writing it, so that a failed registration is never written
@@ -439,7 +456,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         qa=register_qa.write_qa(opts, pair, matcher, sar_scale, log.overview, products, affine, tile_rows, verdict)
         if opts.qa_out is not None else None,
         tiepoints_out=str(opts.tiepoints_out) if opts.tiepoints_out else None, tiepoints=tie_summary,
-        verdict=verdict, check=checked,
+        verdict=verdict, check=checked, scene_rotation=rotation,
     )
 
 

@@ -10,7 +10,7 @@ out (``flush``) as soon as no later tile can touch them, so scenes larger than R
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage

@@ -495,6 +495,28 @@ def test_cpu_allocator_tuning_applies_on_glibc():
     assert cpu.release_heap() is expected
 
 
+def test_global_stage_searching_its_own_rotation_changes_nothing():
+    """Given the rotation its full search picks (global_rotation, degrees on the hypothesis grid),
+    the network searches that rotation alone and returns the same flow and certainty bit for bit;
+    another rotation changes the answer."""
+    torch.manual_seed(0)
+    m = torch.jit.script(net.SomaNet().eval())
+    g = torch.Generator().manual_seed(4)
+    img = F.avg_pool2d(torch.randn(2, 1, 264, 264, generator=g), 9, 1)[..., :256, :256]
+    img = (img - img.mean()) / img.std()
+    sar = torch.roll(img, (3, -5), (2, 3))
+    v = torch.ones_like(img)
+    with torch.inference_mode():
+        rot = m.global_rotation(img, sar, v, v)
+        step = m.global_search.rotation_step
+        assert rot.shape == (2,) and torch.equal(torch.round(rot / step) * step, rot)
+        f0, c0 = m(img, sar, v, v)
+        f1, c1 = m(img, sar, v, v, rotation=rot)
+        f2, _ = m(img, sar, v, v, rotation=rot + 2 * step)
+    assert torch.equal(f0, f1) and torch.equal(c0, c1)
+    assert not torch.equal(f0, f2)
+
+
 def test_global_search_radius_follows_small_tiles_only():
     """512 px tiles (64 cells at stride 8) and larger search the full radius; smaller tiles search
     in proportion to their shorter side (256 px: +-5 cells), at least 2 cells; the scores follow."""

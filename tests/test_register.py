@@ -570,3 +570,65 @@ def test_rows_outside_the_overlap_are_no_data(tmp_path):
     inside[90:230, 70:190] = True
     assert valid[inside].mean() > 0.95 and not valid[~inside].any()
     assert (dx[~inside] == FLOW_NODATA).all() and (dx[inside] == 0.0).all()
+
+
+class RotationOracle(ContentOracle):
+    """A matcher with a global stage: each seed tile reports the rotation in ``picks`` (in turn),
+    and every match call records the rotation it was asked to search."""
+
+    def __init__(self, picks):
+        self.picks, self.rotation, self.seen, self.seeded = list(picks), None, [], 0
+
+    def seed_rotations(self, opt, sar, opt_valid=None, sar_valid=None):
+        out = [self.picks[(self.seeded + i) % len(self.picks)] for i in range(len(opt))]
+        self.seeded += len(opt)
+        return np.array(out, float)
+
+    def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        self.seen.append(self.rotation)
+        return super().match(opt, sar, opt_valid, sar_valid)
+
+
+@pytest.mark.parametrize("picks, expected", [([4.0] * 8 + [-8.0], 4.0), ([0.0, 4.0, 8.0], None)])
+def test_scene_rotation_is_searched_by_every_tile_when_the_seeds_agree(tmp_path, picks, expected):
+    """On a layout of 49 tiles or more, the seed tiles' rotations decide the scene's: when 2/3 of
+    them agree, every tile searches that rotation (and the result says so), else all of them; the
+    matcher searches all rotations again afterwards.  A smaller layout has no seed pass."""
+    from soma_cli import scene_rotation
+
+    rng = np.random.default_rng(2)
+    image = ramp(704, 704) + rng.normal(0, 30, (704, 704)).astype(np.float32)
+    opt = write(tmp_path / "opt.tif", image)
+    sar = write(tmp_path / "sar.tif", image.copy())
+    m = RotationOracle(picks)
+    r = register(RegisterOptions(sar=sar, opt=opt, out=tmp_path / "a.tif", tile_size=128, overlap=32), matcher=m)
+    assert r.tiles >= scene_rotation.MIN_TILES and m.seeded == scene_rotation.GRID ** 2
+    assert r.scene_rotation == expected
+    assert m.seen and all(s == expected for s in m.seen) and m.rotation is None
+    small = RotationOracle(picks)
+    r = register(RegisterOptions(sar=sar, opt=opt, out=tmp_path / "b.tif", tile_size=256, overlap=64), matcher=small)
+    assert r.tiles < scene_rotation.MIN_TILES and small.seeded == 0 and r.scene_rotation is None
+    assert all(s is None for s in small.seen)
+
+
+def test_scene_rotation_seeds_and_majority():
+    """Seeds spread over the layout (first and last rows and columns included); the majority
+    needs 2/3 of the usable seeds (half their pixels valid) and at least 3 of them."""
+    from soma_cli import scene_rotation, tiling
+
+    tiles = tiling.layout(4096, 3000, 512, 128)
+    seeds = scene_rotation.seeds(tiles)
+    rows, cols = sorted({t.row for t in tiles}), sorted({t.col for t in tiles})
+
+    def spread(values):
+        return {values[round(i * (len(values) - 1) / 2)] for i in range(3)}
+
+    assert len(rows) > 3 and len(cols) > 3 and len(seeds) == 9
+    assert {t.row for t in seeds} == spread(rows) and {t.col for t in seeds} == spread(cols)
+    assert {rows[0], rows[-1], cols[0], cols[-1]} <= {t.row for t in seeds} | {t.col for t in seeds}
+    assert scene_rotation.agreed([0, 0, 4, 0, 0, 0], [1] * 6) == 0.0
+    assert scene_rotation.agreed([0, 0, 4, 4, 0, 0], [1] * 6) == 0.0  # 4 of 6: just 2/3
+    assert scene_rotation.agreed([0, 0, 4, 4, 8, 0], [1] * 6) is None
+    assert scene_rotation.agreed([0, 0, 4, 4, 4, 4], [1, 1, 0.2, 0.2, 0.2, 0.2]) is None  # 2 usable
+    assert scene_rotation.agreed([0, 0, 4, 4, 4, 4], [1, 1, 0.2, 0.2, 0.2, 1]) == 0.0  # 2 of 3 usable
+    assert scene_rotation.agreed([-8, -8, -8, 4], [1, 1, 1, 0.1]) == -8.0

@@ -25,11 +25,17 @@ probability of being within 1 px):
 * ``evidence_certainty`` (default :data:`EVIDENCE_CERTAINTY`): the certainty from which a pixel
   counts as evidence for the verdict and the fallback (:mod:`soma_cli.verdict`);
 * ``min_size`` (default 1): the smallest overlap side, in pixels, it can register.
+
+A matcher whose global stage searches rotations (``soma``, and ``auto`` through its network) also
+offers ``seed_rotations(opt, sar, opt_valid, sar_valid) -> (B,)`` (degrees, the rotation it picks
+on each tile) and a ``rotation`` attribute (degrees or None): set, its global stage searches that
+rotation only (:mod:`soma_cli.scene_rotation`; :func:`scene_rotation` sets it for a registration).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -46,6 +52,30 @@ def trust_certainty(matcher) -> float:
 def evidence_certainty(matcher) -> float:
     """The matcher's ``evidence_certainty``, or :data:`EVIDENCE_CERTAINTY`."""
     return float(getattr(matcher, "evidence_certainty", EVIDENCE_CERTAINTY))
+
+
+def rotation_searcher(matcher):
+    """The matcher, or the part of it (``auto``'s network), whose global stage can search the
+    scene's rotation alone (see the module doc); None when there is none."""
+    for m in (matcher, getattr(matcher, "network", None)):
+        if m is not None and hasattr(m, "seed_rotations"):
+            return m
+    return None
+
+
+@contextmanager
+def scene_rotation(matcher, rotation: Optional[float]) -> Iterator[None]:
+    """Within the block, the global stage of ``matcher`` (:func:`rotation_searcher`) searches
+    ``rotation`` (degrees) only; afterwards all rotations again.  ``rotation`` None: no change."""
+    searcher = rotation_searcher(matcher)
+    if searcher is None or rotation is None:
+        yield
+        return
+    searcher.rotation = float(rotation)
+    try:
+        yield
+    finally:
+        searcher.rotation = None
 
 
 def min_size(matcher) -> int:

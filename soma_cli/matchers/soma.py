@@ -25,6 +25,9 @@ class SomaMatcher:
 
     def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4,
                  threads: Optional[int] = None):
+        #: degrees: the scene's rotation, the one the global stage searches (None: all of its
+        #: hypotheses); set for a registration by :func:`soma_cli.matchers.scene_rotation`
+        self.rotation: Optional[float] = None
         self.device = infer.resolve_device(device or "auto")
         if self.device.type == "cpu":
             cpu.tune_allocator()
@@ -35,8 +38,17 @@ class SomaMatcher:
         if self.cpu.pinned:
             infer.set_threads(self.cpu.pinned)
 
-    def match(self, opt, sar, opt_valid=None, sar_valid=None):
+    def _threads(self) -> None:
         if self.device.type == "cpu" and not self.cpu.pinned:
             infer.set_threads(self.cpu.threads())
+
+    def match(self, opt, sar, opt_valid=None, sar_valid=None):
+        self._threads()
         return infer.run_model(self.model, opt, sar, opt_valid, sar_valid, batch_size=self.batch_size,
-                               device=self.device, multiple=self.multiple)
+                               device=self.device, multiple=self.multiple, rotation=self.rotation)
+
+    def seed_rotations(self, opt, sar, opt_valid=None, sar_valid=None):
+        """``(B,)`` degrees: the rotation the global stage picks on each tile, searching them all."""
+        self._threads()
+        return infer.global_rotations(self.model, opt, sar, opt_valid, sar_valid, batch_size=self.batch_size,
+                                      device=self.device, multiple=self.multiple)

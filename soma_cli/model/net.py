@@ -96,11 +96,12 @@ class SomaNet(nn.Module):
         return msw, vl
 
     def run(self, opt: torch.Tensor, sar: torch.Tensor, opt_valid: Optional[torch.Tensor] = None,
-            sar_valid: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+            sar_valid: Optional[torch.Tensor] = None, rotation: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Full pass returning intermediates: affines (full-resolution pixels), global scores,
         per-level flows (level pixels, composed with the global affine), the final flow and
         certainty logit, and (in training mode only) the first-pass (unresampled) descriptors at
-        1/4 and 1/2 for the training losses."""
+        1/4 and 1/2 for the training losses.  ``rotation`` ``(B,)`` (degrees): the global stage
+        searches that rotation only (:class:`GlobalSearch`)."""
         if opt_valid is None:
             vo = torch.ones_like(opt)
         else:
@@ -126,7 +127,7 @@ class SomaNet(nn.Module):
         ls = self.log_scale
         # (1) global affine at stride 8
         a8, scores = self.global_search(mo[3], ms8, vo8, vs8, temperature=ls[0].exp(),
-                                        verify_temperature=ls[1].exp())
+                                        verify_temperature=ls[1].exp(), rotation=rotation)
         a_g = geometry.scale_affine(a8, 1.0 / 8.0)
         out["global_scores"] = scores
         out["affine_global"] = a_g
@@ -157,14 +158,31 @@ class SomaNet(nn.Module):
         out["logit"] = lg1 + self.certainty_calibration(upsample(sup4, 4), upsample(sup2, 2), sup1)
         return out
 
+    @torch.jit.export
+    def global_rotation(self, opt: torch.Tensor, sar: torch.Tensor, opt_valid: torch.Tensor,
+                        sar_valid: torch.Tensor) -> torch.Tensor:
+        """``(B,)``: the rotation (degrees) of the global stage's answer, the hypothesis it chose
+        (what :meth:`run` searches first, on the coarse level alone)."""
+        vo = opt_valid.to(opt.dtype)
+        vs = sar_valid.to(sar.dtype)
+        mo8 = l2n(self.enc_opt(opt * vo, False)[0])
+        ms8 = l2n(self.enc_sar(sar * vs, False)[0])
+        vo8 = (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)
+        vs8 = (F.avg_pool2d(vs, 8) > 0.99).to(vs.dtype)
+        ls = self.log_scale
+        a8, _ = self.global_search(mo8, ms8, vo8, vs8, temperature=ls[0].exp(), verify_temperature=ls[1].exp())
+        step = self.global_search.rotation_step
+        return torch.round(torch.atan2(a8[:, 1, 0], a8[:, 0, 0]) * (180.0 / math.pi) / step) * step
+
     def certainty_calibration(self, sup4: torch.Tensor, sup2: torch.Tensor, sup1: torch.Tensor) -> torch.Tensor:
         """The calibration term of the final certainty logit (see :attr:`cert_w`), ``(B, 1, H, W)``."""
         w = self.cert_w
         return self.cert_gain * (w[0] * sup4 + w[1] * sup2 + w[2] * sup1) + w[3]
 
     def forward(self, opt: torch.Tensor, sar: torch.Tensor, opt_valid: Optional[torch.Tensor] = None,
-                sar_valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        out = self.run(opt, sar, opt_valid, sar_valid)
+                sar_valid: Optional[torch.Tensor] = None,
+                rotation: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        out = self.run(opt, sar, opt_valid, sar_valid, rotation)
         flow = out["flow"]
         cert = torch.sigmoid(out["logit"])
         h = opt.shape[-2]

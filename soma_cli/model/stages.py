@@ -63,19 +63,23 @@ class GlobalSearch(nn.Module):
     def n_rotations(self) -> int:
         return int(round(2.0 * self.max_rotation / self.rotation_step)) + 1
 
-    def rotation_affines(self, b: int, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``(b * K, 2, 3)`` level-pixel affines ``p = R(t) (q - c) + c`` of the K rotation hypotheses
-        (hypothesis fastest), ``c`` the level centre."""
+    def hypotheses(self, b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``(b, K)``: the K rotation hypotheses in radians, the same for every sample."""
         k = self.n_rotations()
         t = (torch.arange(k, device=device, dtype=dtype) * self.rotation_step - self.max_rotation) * (math.pi / 180.0)
+        return t.unsqueeze(0).expand(b, k)
+
+    def rotation_affines(self, angles: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``(B * K, 2, 3)`` level-pixel affines ``p = R(t) (q - c) + c`` of the rotations ``angles``
+        ``(B, K)`` (radians; hypothesis fastest), ``c`` the level centre."""
+        t = angles.reshape(-1)
         cos = torch.cos(t)
         sin = torch.sin(t)
         cx = (w - 1) / 2.0
         cy = (h - 1) / 2.0
         tx = cx - (cos * cx - sin * cy)
         ty = cy - (sin * cx + cos * cy)
-        a = torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
-        return a.unsqueeze(0).expand(b, k, 2, 3).reshape(b * k, 2, 3)
+        return torch.stack([torch.stack([cos, -sin, tx], -1), torch.stack([sin, cos, ty], -1)], 1)
 
     def search_radius(self, h: int, w: int) -> int:
         """Translation search radius (cells) on an ``h x w``-cell level: the full radius from
@@ -84,12 +88,20 @@ class GlobalSearch(nn.Module):
         return min(self.radius, max(self.min_radius, (self.radius * min(h, w)) // self.full_radius_cells))
 
     def forward(self, mo: torch.Tensor, ms: torch.Tensor, vo: torch.Tensor, vs: torch.Tensor,
-                temperature: torch.Tensor, verify_temperature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(affine in level pixels ``(B, 2, 3)``, scores ``(B, K, 2R+1, 2R+1)`` as logits)."""
+                temperature: torch.Tensor, verify_temperature: torch.Tensor,
+                rotation: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(affine in level pixels ``(B, 2, 3)``, scores ``(B, K, 2R+1, 2R+1)`` as logits).  With
+        ``rotation`` ``(B,)`` (degrees), the one rotation searched instead of the K hypotheses (the
+        scene's, :mod:`soma_cli.scene_rotation`): its best translation is the answer, with
+        nothing to verify."""
         b, c, h, w = mo.shape
-        k = self.n_rotations()
         r = self.search_radius(h, w)
-        rot = self.rotation_affines(b, h, w, mo.device, mo.dtype)
+        if rotation is None:
+            angles = self.hypotheses(b, mo.device, mo.dtype)
+        else:  # converted as the hypotheses are: a hypothesis given here is searched bit for bit alike
+            angles = (rotation.to(mo.dtype) * (math.pi / 180.0)).view(b, 1)
+        k = angles.shape[1]
+        rot = self.rotation_affines(angles, h, w)
         fl = geometry.affine_to_flow(rot, h, w)
         msr = geometry.warp(ms.repeat_interleave(k, 0), fl)
         vsr = (geometry.warp(vs.repeat_interleave(k, 0), fl) > 0.99).to(mo.dtype)

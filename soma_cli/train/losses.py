@@ -63,7 +63,7 @@ def global_target(model: SomaNet, gt: torch.Tensor, mask: torch.Tensor,
     kk = torch.round((theta + search.max_rotation) / search.rotation_step).long()
     ok = (kk >= 0) & (kk < k)
     kk = kk.clamp(0, k - 1)
-    rot = search.rotation_affines(b, h8, w8, gt.device, gt.dtype).view(b, k, 2, 3)[torch.arange(b, device=gt.device), kk]
+    rot = search.rotation_affines(search.hypotheses(b, gt.device, gt.dtype), h8, w8).view(b, k, 2, 3)[torch.arange(b, device=gt.device), kk]
     c = torch.tensor([(w8 - 1) / 2.0, (h8 - 1) / 2.0], device=gt.device, dtype=gt.dtype).expand(b, 2)
     p = torch.bmm(a[:, :, :2], c.unsqueeze(-1)).squeeze(-1) + a[:, :, 2]  # where the centre goes
     s = torch.linalg.solve(rot[:, :, :2], (p - rot[:, :, 2]).unsqueeze(-1)).squeeze(-1) - c
