@@ -25,6 +25,7 @@ from soma_cli.pipeline import RegisterOptions, register
 STAGES = {
     "read and align tiles (VRT/warp onto the reference grid)": [("io/pair.py", "read_tile")],
     "preprocess": [("preprocess.py", "prepare")],
+    "scene rotation (seed tiles)": [("matchers/soma.py", "seed_rotations")],
     "match (matcher.match)": [("matchers/soma.py", "match"), ("matchers/gradient.py", "match")],
     "stitch": [("stitch.py", "add"), ("stitch.py", "flush"), ("stitch.py", "finish")],
     "scratch write/read-back": [("io/sinks.py", "write"), ("io/sinks.py", "read")],

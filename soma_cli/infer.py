@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -49,15 +49,21 @@ def _inputs(opt: np.ndarray, sar: np.ndarray, opt_valid: Optional[np.ndarray],
     return opt, sar, vo & np.isfinite(opt), vs & np.isfinite(sar)
 
 
-def _tensors(opt, sar, vo, vs, sl: slice, device: torch.device, multiple: int) -> List[torch.Tensor]:
-    """Slice ``sl`` of the tiles as padded ``(b, 1, H', W')`` tensors: optical and SAR (zero where
-    invalid) and their valid masks."""
-    to = torch.from_numpy(np.nan_to_num(opt[sl])).unsqueeze(1).to(device)
-    ts = torch.from_numpy(np.nan_to_num(sar[sl])).unsqueeze(1).to(device)
-    tvo = torch.from_numpy(vo[sl].astype(np.float32)).unsqueeze(1).to(device)
-    tvs = torch.from_numpy(vs[sl].astype(np.float32)).unsqueeze(1).to(device)
-    to, ts, tvo, tvs = (_pad_to(t, multiple) for t in (to, ts, tvo, tvs))
-    return [to * tvo, ts * tvs, tvo, tvs]
+def _batches(arrays: Tuple[np.ndarray, ...], batch_size: int, device: torch.device,
+             multiple: int) -> Iterator[Tuple[slice, List[torch.Tensor]]]:
+    """``(slice, network inputs)`` per batch of the :func:`_inputs` ``arrays``: ``batch_size``
+    tiles on CUDA, one at a time on the CPU (see :func:`run_model`); the inputs are padded
+    ``(b, 1, H', W')`` tensors, optical and SAR (zero where invalid) and their valid masks."""
+    opt, sar, vo, vs = arrays
+    step = max(int(batch_size), 1) if device.type == "cuda" else 1
+    for i in range(0, len(opt), step):
+        sl = slice(i, i + step)
+        to = torch.from_numpy(np.nan_to_num(opt[sl])).unsqueeze(1).to(device)
+        ts = torch.from_numpy(np.nan_to_num(sar[sl])).unsqueeze(1).to(device)
+        tvo = torch.from_numpy(vo[sl].astype(np.float32)).unsqueeze(1).to(device)
+        tvs = torch.from_numpy(vs[sl].astype(np.float32)).unsqueeze(1).to(device)
+        to, ts, tvo, tvs = (_pad_to(t, multiple) for t in (to, ts, tvo, tvs))
+        yield sl, [to * tvo, ts * tvs, tvo, tvs]
 
 
 def global_rotations(
@@ -72,13 +78,11 @@ def global_rotations(
 ) -> np.ndarray:
     """``(B,)`` degrees: the rotation the network's global stage picks on each tile (its coarse
     level alone; tiles as :func:`run_model` takes them)."""
-    opt, sar, vo, vs = _inputs(opt, sar, opt_valid, sar_valid)
-    step = max(int(batch_size), 1) if device.type == "cuda" else 1
-    out = np.zeros(len(opt))
+    arrays = _inputs(opt, sar, opt_valid, sar_valid)
+    out = np.zeros(len(arrays[0]))
     with torch.inference_mode():
-        for i in range(0, len(opt), step):
-            sl = slice(i, i + step)
-            out[sl] = model.global_rotation(*_tensors(opt, sar, vo, vs, sl, device, multiple)).double().cpu().numpy()
+        for sl, inputs in _batches(arrays, batch_size, device, multiple):
+            out[sl] = model.global_rotation(*inputs).double().cpu().numpy()
     return out
 
 
@@ -102,15 +106,13 @@ def run_model(
     ``batch_size`` tiles go through the network together on CUDA; on the CPU they go one at a time,
     because a batch only adds memory traffic there (4 tiles of 512 px together took 2.1 times as
     long as one after another on the 2-core machine, most of it in page faults)."""
-    opt, sar, vo, vs = _inputs(opt, sar, opt_valid, sar_valid)
-    b, h, w = opt.shape
+    arrays = _inputs(opt, sar, opt_valid, sar_valid)
+    vo = arrays[2]
+    b, h, w = vo.shape
     flows = np.zeros((b, 2, h, w), np.float32)
     certs = np.zeros((b, h, w), np.float32)
-    step = max(int(batch_size), 1) if device.type == "cuda" else 1
     with torch.inference_mode():
-        for i in range(0, b, step):
-            sl = slice(i, i + step)
-            inputs = _tensors(opt, sar, vo, vs, sl, device, multiple)
+        for sl, inputs in _batches(arrays, batch_size, device, multiple):
             if rotation is None:
                 flow, cert = model(*inputs)
             else:
