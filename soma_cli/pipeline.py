@@ -7,10 +7,10 @@ Memory is bounded by a strip of rows (about two tiles high) times the scene widt
 scene size: on a large layout the matcher first finds the scene's rotation on a few seed tiles
 (:mod:`~soma_cli.scene_rotation`), then tiles are matched in row-major order (each recording its
 evidence and, with the check, its estimated error, :mod:`~soma_cli.check`) and stitched into
-strips; the strips go to a scratch file.  Once the scene-wide fit of the trusted tiles is known, they are read back, repaired and
-written back in place while the applied field is measured (its overview and the edge similarity
-it gives, for the verdict); then the scratch file is read once more to warp and write the field,
-or, when the verdict is failed, the moving image unmoved.  Tiles are read ahead (beside a GPU
+strips; the strips go to a scratch file.  Once the scene-wide fit of the trusted tiles is known,
+they are read back, repaired and written back in place while the applied field is measured (its
+overview and the edge similarity it gives, for the verdict); then the scratch file is read once
+more to warp and write the field, or, when the verdict is failed, the moving image unmoved.  Tiles are read ahead (beside a GPU
 matcher), and strips warped ahead, in background threads (:func:`soma_cli.cpu.io_threads`).  The
 stages live in their modules (:mod:`~soma_cli.io.pair`, :mod:`~soma_cli.tiling`,
 :mod:`~soma_cli.matchers`, :mod:`~soma_cli.check`, :mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`,
@@ -36,8 +36,8 @@ from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.sinks import FlowScratch, FlowSink, ImageSink, strip_rows, write_relocated, write_with_gcps
 from .io.tiepoints import write_tiepoints
 from .io.write import check_output
-from .matchers import Matcher, evidence_certainty, get_matcher, min_size, rotation_searcher, trust_certainty
-from .matchers import scene_rotation as searching
+from .matchers import (Matcher, evidence_certainty, get_matcher, min_size, rotation_searcher,
+                       searching_rotation, trust_certainty)
 from .stitch import FlowPrior, FlowSamples, Strip, StripStitcher
 from .tiepoints import TiePoints, TiePointSampler
 from .verdict import TileEvidence, coverage, judge
@@ -393,7 +393,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
         scratch = stack.enter_context(FlowScratch(Path(opts.out).parent, area.height, area.width, opts.check))
         raw = FlowSamples()
         rotation = _scene_rotation(tiles, match)
-        with searching(matcher, rotation):
+        with searching_rotation(matcher, rotation):
             for strip in _stitched_strips(tiles, match, area, opts.overlap, opts.batch_size, read_ahead, progress):
                 scratch.write(strip)
                 raw.add(strip, area.row, area.col, evidence.trusted_rows(strip.row0, strip.flow.shape[1]))

@@ -29,7 +29,8 @@ probability of being within 1 px):
 A matcher whose global stage searches rotations (``soma``, and ``auto`` through its network) also
 offers ``seed_rotations(opt, sar, opt_valid, sar_valid) -> (B,)`` (degrees, the rotation it picks
 on each tile) and a ``rotation`` attribute (degrees or None): set, its global stage searches that
-rotation only (:mod:`soma_cli.scene_rotation`; :func:`scene_rotation` sets it for a registration).
+rotation only (:mod:`soma_cli.scene_rotation`; :func:`searching_rotation` sets it for a
+registration).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def rotation_searcher(matcher):
 
 
 @contextmanager
-def scene_rotation(matcher, rotation: Optional[float]) -> Iterator[None]:
+def searching_rotation(matcher, rotation: Optional[float]) -> Iterator[None]:
     """Within the block, the global stage of ``matcher`` (:func:`rotation_searcher`) searches
     ``rotation`` (degrees) only; afterwards all rotations again.  ``rotation`` None: no change."""
     searcher = rotation_searcher(matcher)

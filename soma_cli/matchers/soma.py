@@ -26,7 +26,7 @@ class SomaMatcher:
     def __init__(self, weights: Optional[Path] = None, device: str = "auto", batch_size: int = 4,
                  threads: Optional[int] = None):
         #: degrees: the scene's rotation, the one the global stage searches (None: all of its
-        #: hypotheses); set for a registration by :func:`soma_cli.matchers.scene_rotation`
+        #: hypotheses); set for a registration by :func:`soma_cli.matchers.searching_rotation`
         self.rotation: Optional[float] = None
         self.device = infer.resolve_device(device or "auto")
         if self.device.type == "cpu":
