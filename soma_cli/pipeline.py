@@ -209,6 +209,12 @@ class _TileMatcher:
             return check.checked_match(self.matcher, opt, sar, ov, sv)
         return (*self.matcher.match(opt, sar, ov, sv), None)
 
+    def optical_first(self, tiles: Tuple[np.ndarray, ...]) -> Tuple[np.ndarray, ...]:
+        """:meth:`read`'s ``(reference, moving, their masks)`` as matchers take them: optical,
+        SAR, optical mask, SAR mask."""
+        ref, mov, rv, mv = tiles
+        return tiles if self.pair.ref_is_optical else (mov, ref, mv, rv)
+
     def read(self, batch: List[tiling.Tile]) -> Tuple[np.ndarray, ...]:
         """The prepared tiles of ``batch``: reference, moving, and their valid masks, each
         ``(B, h, w)`` (safe to call from a reading thread while :meth:`__call__` matches)."""
@@ -226,16 +232,13 @@ class _TileMatcher:
     def __call__(self, batch: List[tiling.Tile], tiles: Tuple[np.ndarray, ...]):
         """Match ``batch``, whose :meth:`read` is ``tiles``: flow, certainty, reference valid mask and
         estimated error (None without the check)."""
-        ref_is_opt = self.pair.ref_is_optical
         ref, mov, rv, mv = tiles
-        if ref_is_opt:
-            flow, cert, err = self._match(ref, mov, rv, mv)
-        else:  # matchers work on the optical grid: match there, then carry the match onto the SAR grid
-            flow_o, cert_o, err_o = self._match(mov, ref, mv, rv)
-            maps = [coords.invert_match_np(f, c, *([] if err_o is None else [err_o[i]]))
-                    for i, (f, c) in enumerate(zip(flow_o, cert_o))]
+        flow, cert, err = self._match(*self.optical_first(tiles))
+        if not self.pair.ref_is_optical:  # matchers work on the optical grid: carry the match onto the SAR grid
+            maps = [coords.invert_match_np(f, c, *([] if err is None else [err[i]]))
+                    for i, (f, c) in enumerate(zip(flow, cert))]
             flow, cert = np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps])
-            err = None if err_o is None else np.stack([m[2] for m in maps])
+            err = None if err is None else np.stack([m[2] for m in maps])
         flow = np.asarray(flow, np.float32)
         cert = np.clip(np.asarray(cert, np.float32), 0.0, 1.0) * rv
         cert = np.stack([self.evidence.record(t, c, r & m) for t, c, r, m in zip(batch, cert, rv, mv)])
@@ -265,9 +268,9 @@ def _scene_rotation(tiles: List[tiling.Tile], match: _TileMatcher) -> Optional[f
     searcher = rotation_searcher(match.matcher)
     if searcher is None or len(tiles) < scene_rotation.MIN_TILES:
         return None
-    ref, mov, rv, mv = match.read(scene_rotation.seeds(tiles))
-    inputs = (ref, mov, rv, mv) if match.pair.ref_is_optical else (mov, ref, mv, rv)
-    return scene_rotation.agreed(searcher.seed_rotations(*inputs), (rv & mv).mean(axis=(1, 2)))
+    tiles = match.read(scene_rotation.seeds(tiles))
+    both_valid = (tiles[2] & tiles[3]).mean(axis=(1, 2))
+    return scene_rotation.agreed(searcher.seed_rotations(*match.optical_first(tiles)), both_valid)
 
 
 def _ahead(items: Iterable[T], load: Callable[[T], R], threads: int) -> Iterator[Tuple[T, R]]:

@@ -4,11 +4,9 @@ moves them on purpose updates the values here and says why in the commit message
 
 The gradient matcher's example outputs are pinned bit for bit, its evaluate metrics within 0.01 %
 (numpy's vectorised math follows the CPU's instruction set too: the relative metrics moved by up
-to 5e-6 between two CPU models).
-The network's convolutions take
-CPU-dependent code paths (oneDNN picks its kernels by instruction set), which move its outputs by
-about 1e-4 px from one CPU model to another, so its pins have a tolerance far below what a change of
-behaviour moves: the flow within 0.02 px and the certainty within 0.01 on a grid of every 8th
+to 5e-6 between two CPU models).  The network's convolutions take CPU-dependent code paths (oneDNN
+picks its kernels by instruction set), which move its outputs by about 1e-4 px from one CPU model
+to another, so its pins have a tolerance far below what a change of behaviour moves: the flow within 0.02 px and the certainty within 0.01 on a grid of every 8th
 pixel (tests/data/golden_example_soma.npz), the aligned pixels within 2 grey levels there, the
 mask exactly, and evaluate's metrics within 0.2 %."""
 

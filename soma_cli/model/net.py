@@ -114,9 +114,6 @@ class SomaNet(nn.Module):
         # first SAR pass, in the SAR frame: only the global stage (1/8) and, in training, the losses'
         # descriptors (1/4, 1/2) use it; the later stages match the re-encoded SAR below
         fs = self.enc_sar(sar * vs, self.training)
-        ms8 = l2n(fs[-1])
-        vo8 = (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)
-        vs8 = (F.avg_pool2d(vs, 8) > 0.99).to(vs.dtype)
         out: Dict[str, torch.Tensor] = {}
         if self.training:
             out["desc_opt4"] = mo[2]
@@ -126,8 +123,7 @@ class SomaNet(nn.Module):
 
         ls = self.log_scale
         # (1) global affine at stride 8
-        a8, scores = self.global_search(mo[3], ms8, vo8, vs8, temperature=ls[0].exp(),
-                                        verify_temperature=ls[1].exp(), rotation=rotation)
+        a8, scores = self.global_stage(mo[3], l2n(fs[-1]), vo, vs, rotation)
         a_g = geometry.scale_affine(a8, 1.0 / 8.0)
         out["global_scores"] = scores
         out["affine_global"] = a_g
@@ -158,6 +154,16 @@ class SomaNet(nn.Module):
         out["logit"] = lg1 + self.certainty_calibration(upsample(sup4, 4), upsample(sup2, 2), sup1)
         return out
 
+    def global_stage(self, mo8: torch.Tensor, ms8: torch.Tensor, vo: torch.Tensor, vs: torch.Tensor,
+                     rotation: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:class:`GlobalSearch` on the normalised stride-8 descriptors, with the cells whose pixels
+        are all valid (``vo``/``vs`` at full resolution): (affine in level pixels, scores)."""
+        vo8 = (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)
+        vs8 = (F.avg_pool2d(vs, 8) > 0.99).to(vs.dtype)
+        ls = self.log_scale
+        return self.global_search(mo8, ms8, vo8, vs8, temperature=ls[0].exp(), verify_temperature=ls[1].exp(),
+                                  rotation=rotation)
+
     @torch.jit.export
     def global_rotation(self, opt: torch.Tensor, sar: torch.Tensor, opt_valid: torch.Tensor,
                         sar_valid: torch.Tensor) -> torch.Tensor:
@@ -165,12 +171,8 @@ class SomaNet(nn.Module):
         (what :meth:`run` searches first, on the coarse level alone)."""
         vo = opt_valid.to(opt.dtype)
         vs = sar_valid.to(sar.dtype)
-        mo8 = l2n(self.enc_opt(opt * vo, False)[0])
-        ms8 = l2n(self.enc_sar(sar * vs, False)[0])
-        vo8 = (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)
-        vs8 = (F.avg_pool2d(vs, 8) > 0.99).to(vs.dtype)
-        ls = self.log_scale
-        a8, _ = self.global_search(mo8, ms8, vo8, vs8, temperature=ls[0].exp(), verify_temperature=ls[1].exp())
+        a8, _ = self.global_stage(l2n(self.enc_opt(opt * vo, False)[0]), l2n(self.enc_sar(sar * vs, False)[0]),
+                                  vo, vs, None)
         step = self.global_search.rotation_step
         return torch.round(torch.atan2(a8[:, 1, 0], a8[:, 0, 0]) * (180.0 / math.pi) / step) * step
 
