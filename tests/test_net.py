@@ -153,9 +153,12 @@ def test_window_zncc_matches_brute_force_and_peaks_at_the_shift():
 
 @pytest.mark.parametrize("block_bytes", [1, 4096, 1 << 30])
 @pytest.mark.parametrize("step", [1, 2, 4])
-def test_local_corr_blocks_equal_the_explicit_products(block_bytes, step):
-    """local_corr, computed a block of rows at a time with or without autograd, equals the
+@pytest.mark.parametrize("planes", [False, True])
+def test_local_corr_blocks_equal_the_explicit_products(block_bytes, step, planes):
+    """local_corr, computed a block of rows at a time with or without autograd, or (``planes``:
+    every level counts as large) accumulated over channel planes without autograd, equals the
     explicit channel dot products at each kept position and shift, zero outside."""
+    plane_min = 1 if planes else 1 << 40
     g = torch.Generator().manual_seed(3)
     a = torch.randn(2, 5, 21, 18, generator=g)
     b = torch.randn(2, 5, 21, 18, generator=g)
@@ -167,16 +170,37 @@ def test_local_corr_blocks_equal_the_explicit_products(block_bytes, step):
     want = torch.stack([(a[:, :, ys][:, :, :, xs] * bp[:, :, ys + dy][:, :, :, xs + dx]).sum(1)
                         for dy in range(n) for dx in range(n)], 1)
     with torch.inference_mode():
-        got = corr_ops.local_corr(a, b, r, step, block_bytes)
+        got = corr_ops.local_corr(a, b, r, step, block_bytes, plane_min=plane_min)
     assert got.shape == want.shape == (2, n * n, len(ys), len(xs))
     assert torch.allclose(got, want, atol=1e-5)
     a.requires_grad_(True)
-    tracked = corr_ops.local_corr(a, b, r, step, block_bytes)
-    assert torch.equal(tracked.detach(), got)
+    tracked = corr_ops.local_corr(a, b, r, step, block_bytes, plane_min=plane_min)
+    if planes and step == 1:  # the channel sums in another order: equal to rounding
+        assert torch.allclose(tracked.detach(), got, atol=1e-5)
+    else:
+        assert torch.equal(tracked.detach(), got)
     tracked[:, n * n // 2].sum().backward()  # the zero shift: d/da = b at the kept positions
     expect = torch.zeros_like(a)
     expect[:, :, ys[:, None], xs[None, :]] = b[:, :, ys[:, None], xs[None, :]]
     assert torch.allclose(a.grad, expect)
+
+
+def test_matching_masks_keep_the_border_margin_from_invalid_pixels(model):
+    """The re-encoded SAR's matching mask at full resolution is 0 within ``border_margin`` px
+    (Chebyshev) of an invalid pixel, 1 elsewhere: the dilation of the invalid pixels by a square of
+    side 2m + 1 (clipped at the tile border), exactly."""
+    m = model.border_margin
+    g = torch.Generator().manual_seed(4)
+    vo = (torch.rand(1, 1, 96, 128, generator=g) > 0.002).float()
+    vo[:, :, 40:44, 70:90] = 0.0
+    sar = torch.randn(1, 1, 96, 128, generator=g)
+    with torch.inference_mode():
+        _, vl = model.reencode_sar(sar, torch.ones_like(sar), vo, geometry.identity_affine(1, sar.device, sar.dtype))
+    bad = 1.0 - vo * (geometry.warp(torch.ones_like(sar), geometry.affine_to_flow(
+        geometry.identity_affine(1, sar.device, sar.dtype), 96, 128)) > 0.99).float()
+    want = 1.0 - F.max_pool2d(bad, 2 * m + 1, 1, m)
+    assert torch.equal(vl[0], want)
+    assert 0 < vl[0].mean().item() < 1
 
 
 def test_window_zncc_is_bounded_and_scores_zero_without_a_window():

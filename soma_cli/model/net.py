@@ -37,7 +37,7 @@ from torch import nn
 
 from . import geometry
 from .config import SomaConfig
-from .correlation import l2n
+from .correlation import box, l2n
 from .encoder import Encoder
 from .stages import AffineLevel, DenseLevel, GlobalLocalBlend, GlobalSearch
 
@@ -90,7 +90,8 @@ class SomaNet(nn.Module):
         msw = [l2n(f) for f in self.enc_sar(geometry.warp(sar * vs, fl, "bicubic") * vsw)]
         m = self.border_margin
         bad = 1.0 - vo * vsw
-        vb = 1.0 - F.max_pool2d(F.max_pool2d(bad, [1, 2 * m + 1], 1, [0, m]), [2 * m + 1, 1], 1, [m, 0])
+        # within m px of a bad pixel: a window sum of the 0/1 map above 0 (integer sums, exact)
+        vb = (box(bad, 2 * m + 1) <= 0.0).to(vo.dtype)
         vl = [vb, (F.avg_pool2d(vb, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vb, 4) > 0.99).to(vo.dtype),
               (F.avg_pool2d(vb, 8) > 0.99).to(vo.dtype)]
         return msw, vl
