@@ -12,9 +12,10 @@ a run interrupted at any point resumes).
 
 Parallelism
 -----------
-A local cluster of ``workers`` processes with one thread each, or an existing cluster
-(``scheduler="tcp://host:port"``; the inputs and ``OUT_DIR`` must then be visible at the same
-paths on every worker). Each worker builds a matcher once (a :class:`MatcherCache` worker plugin)
+A local cluster of ``workers`` processes that share the usable cores (each runs its network on
+``cores // workers`` threads, at least one, unless the options set ``threads``), or an existing
+cluster (``scheduler="tcp://host:port"``, one thread per worker unless set; the inputs and
+``OUT_DIR`` must then be visible at the same paths on every worker). Each worker builds a matcher once (a :class:`MatcherCache` worker plugin)
 and reuses it for all its pairs. Ctrl-C reaches the driver only (the local cluster's workers
 block it), which stops the workers at once and closes the cluster with its logging silenced.
 """
@@ -245,8 +246,9 @@ def run_batch(
     ``options``: batch-wide :class:`~soma_cli.pipeline.RegisterOptions` fields (``method``,
     ``mode``, ``device``, ``threads``, ...), overridden per pair by the manifest. ``client``: an
     existing ``distributed.Client`` (tests); else ``scheduler`` or a new local cluster of
-    ``workers`` processes (default: one per CPU core; threads when ``processes=False``), one
-    thread each. ``progress(done, total, record)`` is called after each pair (skipped ones included).
+    ``workers`` processes (default: one per CPU core; threads when ``processes=False``) sharing
+    the cores (module doc). ``progress(done, total, record)`` is called after each pair (skipped
+    ones included).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -255,7 +257,9 @@ def run_batch(
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     base = check_options(dict(options or {}), "batch options")
-    base.setdefault("threads", 1)
+    # a local cluster's workers share this machine's cores; an existing cluster's are unknown here
+    local = scheduler is None and client is None
+    base.setdefault("threads", max(1, usable_cores() // workers) if local else 1)
     base.setdefault("io_threads", 0)  # the workers already keep every core busy
     _claim_out_dir(out_dir, overwrite)
     log = out_dir / RUNLOG

@@ -189,7 +189,7 @@ def batch_cmd(
     sar_scale: Annotated[str, typer.Option(help="SAR values: auto, db, amplitude or intensity.")] = "auto",
     weights: Annotated[Optional[Path], typer.Option(help="TorchScript weights for --method soma.")] = None,
     workers: Annotated[Optional[int], typer.Option(
-        help="Local worker processes, one thread each (default: the number of CPU cores).")] = None,
+        help="Local worker processes, sharing the CPU cores (default: one per core).")] = None,
     scheduler: Annotated[Optional[str], typer.Option(
         help="Use an existing Dask cluster, e.g. tcp://host:8786 (paths must be valid on the workers).")] = None,
     strict: Annotated[bool, typer.Option(help="Count a pair whose verdict is failed as a failed pair.")] = False,

@@ -374,3 +374,18 @@ def test_one_band_list_parser_and_json_reader(tmp_path):
     (tmp_path / "bad.json").write_text('{"a": ')
     assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}
     assert read_json(tmp_path / "bad.json") is None and read_json(tmp_path / "missing.json") is None
+
+
+def test_local_workers_share_the_cores_unless_threads_are_set(tmp_path, monkeypatch):
+    """A local cluster's workers run cores // workers network threads each (at least 1); an
+    existing cluster's one; a batch-wide --threads is kept as given."""
+    seen = []
+    monkeypatch.setattr(batch, "_run_jobs", lambda jobs, *a: seen.append(jobs[0]["options"]["threads"]))
+    monkeypatch.setattr(batch, "usable_cores", lambda: 4)
+    s, o = make_pair(tmp_path / "in", "p", seed=0)
+    pairs = [batch_pairs.BatchPair("p", s, o, {})]
+    for i, (kw, want) in enumerate([({"workers": 1}, 4), ({"workers": 2}, 2), ({"workers": 3}, 1),
+                                    ({"workers": 8}, 1), ({"workers": 1, "scheduler": "tcp://x:1"}, 1),
+                                    ({"workers": 1, "options": {"threads": 3}}, 3)]):
+        batch.run_batch(pairs, tmp_path / f"out{i}", **kw)
+        assert seen[-1] == want, kw
