@@ -15,8 +15,8 @@ Parallelism
 A local cluster of ``workers`` processes that share the usable cores (each runs its network on
 ``cores // workers`` threads, at least one, unless the options set ``threads``), or an existing
 cluster (``scheduler="tcp://host:port"``, one thread per worker unless set; the inputs and
-``OUT_DIR`` must then be visible at the same paths on every worker). Each worker builds a matcher once (a :class:`MatcherCache` worker plugin)
-and reuses it for all its pairs. Ctrl-C reaches the driver only (the local cluster's workers
+``OUT_DIR`` must then be visible at the same paths on every worker). Each worker builds a
+matcher once (a :class:`MatcherCache` worker plugin) and reuses it for all its pairs. Ctrl-C reaches the driver only (the local cluster's workers
 block it), which stops the workers at once and closes the cluster with its logging silenced.
 """
 

@@ -10,12 +10,12 @@ evidence and, with the check, its estimated error, :mod:`~soma_cli.check`) and s
 strips; the strips go to a scratch file.  Once the scene-wide fit of the trusted tiles is known,
 they are read back, repaired and written back in place while the applied field is measured (its
 overview and the edge similarity it gives, for the verdict); then the scratch file is read once
-more to warp and write the field, or, when the verdict is failed, the moving image unmoved.  Tiles are read ahead (beside a GPU
-matcher), and strips warped ahead, in background threads (:func:`soma_cli.cpu.io_threads`).  The
-stages live in their modules (:mod:`~soma_cli.io.pair`, :mod:`~soma_cli.tiling`,
-:mod:`~soma_cli.matchers`, :mod:`~soma_cli.check`, :mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`,
-:mod:`~soma_cli.io.sinks`, :mod:`~soma_cli.register_qa`, :mod:`~soma_cli.verdict`); this module
-only wires them together.
+more to warp and write the field, or, when the verdict is failed, the moving image unmoved.
+Tiles are read ahead (beside a GPU matcher), and strips warped ahead, in background threads
+(:func:`soma_cli.cpu.io_threads`).  The stages live in their modules (:mod:`~soma_cli.io.pair`,
+:mod:`~soma_cli.tiling`, :mod:`~soma_cli.matchers`, :mod:`~soma_cli.check`,
+:mod:`~soma_cli.stitch`, :mod:`~soma_cli.warp`, :mod:`~soma_cli.io.sinks`,
+:mod:`~soma_cli.register_qa`, :mod:`~soma_cli.verdict`); this module only wires them together.
 """
 
 from __future__ import annotations

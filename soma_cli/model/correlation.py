@@ -90,10 +90,10 @@ def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1, block_
 
     On the CPU without autograd, a level of at least ``plane_min`` positions scored at every
     position is accumulated one channel plane at a time (:func:`_plane_corr`; on a GPU its many
-    small operations would each cost a kernel launch).  Otherwise it is computed a
-    block of output rows at a time, about ``block_bytes`` of products per shift, which stays in a
-    core's cache (a whole level does not, and its products are memory-bound); each element is
-    computed as over the whole level."""
+    small operations would each cost a kernel launch).  Otherwise it is computed a block of output
+    rows at a time, about ``block_bytes`` of products per shift, which stays in a core's cache (a
+    whole level does not, and its products are memory-bound); each element is computed as over
+    the whole level."""
     w = f2.shape[-1]
     track = f1.requires_grad or f2.requires_grad
     if step == 1 and not sampled and not track and not f1.is_cuda and f1.shape[-2] * w >= plane_min:

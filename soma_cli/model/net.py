@@ -90,7 +90,7 @@ class SomaNet(nn.Module):
         msw = [l2n(f) for f in self.enc_sar(geometry.warp(sar * vs, fl, "bicubic") * vsw)]
         m = self.border_margin
         bad = 1.0 - vo * vsw
-        # within m px of a bad pixel: a window sum of the 0/1 map above 0 (integer sums, exact)
+        # within m px of a bad pixel: the window mean of the 0/1 map is above 0 (exactly 0 elsewhere)
         vb = (box(bad, 2 * m + 1) <= 0.0).to(vo.dtype)
         vl = [vb, (F.avg_pool2d(vb, 2) > 0.99).to(vo.dtype), (F.avg_pool2d(vb, 4) > 0.99).to(vo.dtype),
               (F.avg_pool2d(vb, 8) > 0.99).to(vo.dtype)]
