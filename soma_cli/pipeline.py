@@ -296,7 +296,7 @@ def _stitched_strips(tiles: List[tiling.Tile], match: _TileMatcher, area: tiling
                      batch_size: int, io_threads: int, progress: Optional[Progress]) -> Iterator[Strip]:
     """Match the tiles row by row in batches, reading the next batches meanwhile in ``io_threads``
     threads; yield the finished strips of the window, in order."""
-    stitcher = StripStitcher(area.height, area.width, overlap, errors=match.check)
+    stitcher = StripStitcher(area.height, area.width, overlap, errors=match.check, strip_rows=strip_rows(area.width))
     rows = list(tiling.rows_of(tiles))
     batches = [(i, trow[j:j + batch_size]) for i, trow in enumerate(rows) for j in range(0, len(trow), batch_size)]
     done, total = 0, len(tiles)

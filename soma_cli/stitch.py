@@ -42,22 +42,26 @@ class StripStitcher:
     tile; the blend weight is the tile's border ramp times ``max(certainty, eps)``, so confident
     tiles win in overlaps.  With ``errors``, each tile also brings its estimated error (h,w; NaN
     where none), blended with the same weights over the tiles that have one.  ``flush(upto)``
-    yields all rows ``< upto``; ``finish()`` yields the rest.
+    yields all rows ``< upto``, in strips of at most ``strip_rows`` rows; ``finish()`` yields the
+    rest.
     """
 
-    def __init__(self, height: int, width: int, overlap: int, eps: float = 1e-3, errors: bool = False):
+    def __init__(self, height: int, width: int, overlap: int, eps: float = 1e-3, errors: bool = False,
+                 strip_rows: int = 512):
         self.height, self.width, self.overlap, self.eps = height, width, overlap, eps
+        self.strip_rows = max(1, int(strip_rows))
         self.row0 = 0  # first row held in the buffer
         self.rows = 0  # rows of the buffer in use (from row0)
         # accumulators, each (rows, width) per channel: flow (2), certainty, weight, and with
         # ``errors`` the weighted error and the weight of the tiles with an error; the buffer grows
-        # to the tallest span of unfinished rows (a tile row) and is reused from then on
-        self.acc = np.zeros((6 if errors else 4, 0, width), np.float64)
+        # to the tallest span of unfinished rows (a tile row) and is reused from then on.  float32:
+        # a pixel sums at most four tiles, and the buffer is the largest array of a wide scene
+        self.acc = np.zeros((6 if errors else 4, 0, width), np.float32)
 
     def _ensure(self, last_row: int) -> None:
         need = last_row - self.row0
         if need > self.acc.shape[1]:
-            grown = np.zeros((self.acc.shape[0], need, self.width))
+            grown = np.zeros((self.acc.shape[0], need, self.width), self.acc.dtype)
             grown[:, :self.rows] = self.acc[:, :self.rows]
             self.acc = grown
         self.rows = max(self.rows, need)
@@ -87,12 +91,13 @@ class StripStitcher:
         if n <= 0:
             return
         self._ensure(upto)
-        acc = self.acc[:, :n]
-        valid = acc[3] > 0
-        flow = _quotient(acc[:2], acc[3], valid, np.nan)
-        cert = _quotient(acc[2], acc[3], valid, 0.0)
-        error = _quotient(acc[4], acc[5], valid & (acc[5] > 0), np.nan) if len(acc) > 4 else None
-        yield Strip(self.row0, flow, cert, valid, error)
+        for a in range(0, n, self.strip_rows):
+            acc = self.acc[:, a:min(a + self.strip_rows, n)]
+            valid = acc[3] > 0
+            flow = _quotient(acc[:2], acc[3], valid, np.nan)
+            cert = _quotient(acc[2], acc[3], valid, 0.0)
+            error = _quotient(acc[4], acc[5], valid & (acc[5] > 0), np.nan) if len(acc) > 4 else None
+            yield Strip(self.row0 + a, flow, cert, valid, error)
         rest = self.rows - n  # unfinished rows move to the top of the buffer, the rest is cleared
         self.acc[:, :rest] = self.acc[:, n:self.rows]
         self.acc[:, rest:self.rows] = 0.0
@@ -103,9 +108,7 @@ class StripStitcher:
 
 
 def _quotient(num: np.ndarray, den: np.ndarray, where: np.ndarray, fill: float) -> np.ndarray:
-    """``num / den`` as float32 where ``where`` (over the last two axes), else ``fill``.  Divided
-    straight into float32 (each value rounded once, as a float64 quotient would be): no strip-sized
-    float64 temporaries, which would dominate memory on a wide scene."""
+    """``num / den`` as float32 where ``where`` (over the last two axes), else ``fill``."""
     out = np.empty(num.shape, np.float32)
     np.divide(num, np.where(where, den, 1.0), out=out, casting="same_kind")
     out[..., ~where] = fill

@@ -50,10 +50,11 @@ def test_blend_weight_ramps_and_stays_positive():
     assert w[32, 32] == 1.0 and w[0, 32] < w[8, 32] < w[20, 32]
 
 
-def test_strip_stitcher_blends_and_streams_with_bounded_memory():
+@pytest.mark.parametrize("strip_rows", [512, 40])
+def test_strip_stitcher_blends_and_streams_with_bounded_memory(strip_rows):
     h, w, size, overlap = 1500, 900, 256, 64
     tiles = tiling.layout(h, w, size, overlap)
-    st = StripStitcher(h, w, overlap)
+    st = StripStitcher(h, w, overlap, strip_rows=strip_rows)
     truth_x = np.linspace(-3, 3, w, dtype=np.float32)[None, :].repeat(h, 0)
     got = np.full((2, h, w), np.nan, np.float32)
     seen = np.zeros(h, int)
@@ -67,6 +68,7 @@ def test_strip_stitcher_blends_and_streams_with_bounded_memory():
         upto = rows[i + 1][0].row if i + 1 < len(rows) else h
         for s in st.flush(upto):
             n = s.flow.shape[1]
+            assert n <= strip_rows  # handed out in strips of at most strip_rows rows
             got[:, s.row0:s.row0 + n] = s.flow
             seen[s.row0:s.row0 + n] += 1
     for s in st.finish():

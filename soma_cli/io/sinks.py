@@ -36,9 +36,10 @@ FLOW_DESCRIPTIONS = (
      "--check: a local median; no data where there is no estimate)"),
 )
 FLOW_UNITS = ("pixel", "pixel", "1", "pixel")
-#: Pixels per strip read back from the scratch file (and per block of no-data rows): strips of a
-#: wide scene are lower, so that the memory of the passes after matching does not grow with it.
-STRIP_PIXELS = 1 << 21
+#: Pixels per strip of the flow (stitched, read back from the scratch file, warped and written; and
+#: per block of no-data rows): strips of a wide scene are lower, so that the memory of the passes
+#: does not grow with it.
+STRIP_PIXELS = 1 << 20
 
 
 def strip_rows(width: int) -> int:
