@@ -43,11 +43,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--qa", action="store_true")
+    ap.add_argument("--tile-size", type=int, default=None, help="default: the one soma register picks")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         opts = RegisterOptions(sar=a.sar, opt=a.opt, out=t / "a.tif", flow_out=t / "f.tif", method=a.method,
-                               threads=a.threads, device=a.device, io_threads=0,
+                               threads=a.threads, device=a.device, io_threads=0, tile_size=a.tile_size,
                                qa_out=t / "qa" if a.qa else None)
         prof = cProfile.Profile()
         t0 = time.perf_counter()

@@ -1,10 +1,10 @@
-"""Time one 512 px tile through a TorchScript weights file, as `soma register` runs it.
+"""Time one tile through a TorchScript weights file, as `soma register` runs it.
 
     python benchmarks/tile_speed.py ../shared/data/s1s2_calif --weights weights/soma-0.12.0.pt [--weights OTHER.pt]
-        [--split T11SMT] [--pair 3] [--threads 2] [--repeats 6] [--no-allocator-tuning] [--older]
+        [--split T11SMT] [--pair 3] [--size 512] [--threads 2] [--repeats 6] [--no-allocator-tuning] [--older]
 
 Loads each file with the project's loader (with ``--older``, files whose metadata this version no
-longer reads, such as an earlier release's weights, are loaded by ``torch.jit.load`` alone), takes the first 512 px chip of one pair (the optical
+longer reads, such as an earlier release's weights, are loaded by ``torch.jit.load`` alone), takes the first ``--size`` px chip of one pair (the optical
 reference and its SAR), and times ``infer.run_model`` after one warm-up call; prints the best and
 the median of ``--repeats`` calls.  ``--no-allocator-tuning`` leaves glibc's allocator as it is
 (the `soma` matcher otherwise calls ``cpu.tune_allocator``; the setting is process-wide, so
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, action="append", required=True)
     ap.add_argument("--split", default="T11SMT")
     ap.add_argument("--pair", type=int, default=3)
+    ap.add_argument("--size", type=int, default=512, help="tile size in pixels (768: soma register's larger tiles)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--no-allocator-tuning", action="store_true")
@@ -42,14 +43,14 @@ def main() -> None:
     if not a.no_allocator_tuning:
         cpu.tune_allocator()
     entry = list_pairs(a.data_dir, [a.split])[a.pair]
-    chip = evaluate.base_chips(read_pair(entry), 512)[0][0]
+    chip = evaluate.base_chips(read_pair(entry), a.size)[0][0]
 
     def batch(x) -> np.ndarray:
         return np.nan_to_num(np.asarray(x, np.float32))[None]
 
     args = (batch(chip.opt), batch(chip.sar), batch(chip.opt_valid) > 0, batch(chip.sar_valid) > 0)
     tuning = "off" if a.no_allocator_tuning else "on"
-    print(f"pair {entry.name}, chip 0 (512 px), {a.threads} thread(s), allocator tuning {tuning}")
+    print(f"pair {entry.name}, chip 0 ({a.size} px), {a.threads} thread(s), allocator tuning {tuning}")
     for w in a.weights:
         try:
             model, meta = load_weights(w, device="cpu")

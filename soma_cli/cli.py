@@ -23,7 +23,13 @@ from .console import ProgressBar, err_console, print_batch_table, print_register
 from .errors import SomaError
 from .interrupt import run_interruptibly, worker_running
 from .preprocess import parse_bands
-from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from .tiling import DEFAULT_OVERLAP, TILE_SIZES
+
+#: ``--tile-size`` of register and batch.
+TileSize = Annotated[Optional[int], typer.Option(
+    help=f"Tile size in pixels (a multiple of 32); default: {' or '.join(map(str, TILE_SIZES))}, whichever "
+         "layout of the overlap takes less time (a 768 px tile's pixel counts 10 % dearer; the smaller on a tie).",
+    show_default=False)]
 
 app = typer.Typer(
     name="soma",
@@ -91,7 +97,7 @@ def register(
              "map units, certainty, estimated error, reliable flag) to this GeoPackage (.gpkg).")] = None,
     tiepoint_step: Annotated[int, typer.Option(help="Reference pixels between tie points.")] = 64,
     qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
-    tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = DEFAULT_TILE,
+    tile_size: TileSize = None,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = DEFAULT_OVERLAP,
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -181,7 +187,7 @@ def batch_cmd(
     reference: Annotated[str, typer.Option(help="Reference grid: opt or sar.")] = "opt",
     method: Annotated[str, typer.Option(help="Matcher: soma (the network, default), gradient, identity, auto, ...")] = "soma",
     mode: Annotated[str, typer.Option(help="dense, affine or gcps (see soma register --help).")] = "dense",
-    tile_size: Annotated[int, typer.Option(help="Tile size in pixels (multiple of 32).")] = DEFAULT_TILE,
+    tile_size: TileSize = None,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = DEFAULT_OVERLAP,
     batch_size: Annotated[int, typer.Option(help="Tiles per matcher call.")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (on the workers).")] = "auto",

@@ -65,7 +65,7 @@ def print_register_summary(result) -> None:
     v = result.verdict
     t.add_row("verdict", f"[{VERDICT_STYLE[v['status']]}]{v['status']}[/]: {v['reason']}")
     failures = f" ({v['tile_failures']} without evidence)" if v["tile_failures"] else ""
-    t.add_row("tiles", f"{result.tiles}{failures}")
+    t.add_row("tiles", f"{result.tiles} of {result.tile_size} px{failures}")
     t.add_row("evidence", f"certainty >= {result.evidence_certainty:g} on {100 * v['coverage']:.1f} % of the overlap; "
               f"trusted tiles hold {100 * v['trusted_share']:.1f} %")
     t.add_row("edge similarity", f"{v['similarity_before']:.3f} before, {v['similarity_after']:.3f} after")

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
@@ -62,7 +62,7 @@ class RegisterOptions:
     mode: str = "dense"
     flow_out: Optional[Path] = None
     qa_out: Optional[Path] = None
-    tile_size: int = tiling.DEFAULT_TILE
+    tile_size: Optional[int] = None  # None: tiling.choose_size for the overlap window
     overlap: int = tiling.DEFAULT_OVERLAP
     batch_size: int = 4
     device: str = "auto"
@@ -93,6 +93,7 @@ class RegisterResult:
     reference: str
     tiles: int
     window: Dict[str, int]
+    tile_size: int
     median_flow: float
     certainty_coverage: float
     affine: List[List[float]]
@@ -129,7 +130,10 @@ def _validate(opts: RegisterOptions) -> None:
         raise ConfigError("--io-threads must be 0 or more")
     if opts.sar_scale not in preprocess.SAR_KINDS:
         raise ConfigError(f"--sar-scale must be one of {', '.join(preprocess.SAR_KINDS)}")
-    tiling.validate(opts.tile_size, opts.overlap)
+    if opts.tile_size is not None:
+        tiling.validate(opts.tile_size, opts.overlap)
+    else:
+        tiling.choose_size(1, 1, opts.overlap)  # some size allows the overlap
     for flag, path in (("--out", opts.out), ("--flow-out", opts.flow_out)):
         if path is not None and Path(path).suffix.lower() not in (".tif", ".tiff"):
             raise OutputError(f"{flag} is written as a GeoTIFF: give it a .tif or .tiff name (got {Path(path).name})")
@@ -373,6 +377,8 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                                 "(not ground control points only, nor a plain image)")
     _check_size(area, matcher)
     sar_scale = scene_sar_scale(pair, opts.sar_scale)
+    if opts.tile_size is None:
+        opts = replace(opts, tile_size=tiling.choose_size(area.height, area.width, opts.overlap))
     tiles = tiling.layout(area.height, area.width, opts.tile_size, opts.overlap)
     level = evidence_certainty(matcher)
     evidence = TileEvidence(area.height, area.width, level)
@@ -448,7 +454,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
     return RegisterResult(
         out=str(opts.out), flow_out=str(opts.flow_out) if opts.flow_out else None,
         qa_out=str(opts.qa_out) if opts.qa_out else None, method=opts.method, mode=opts.mode,
-        reference=opts.reference, tiles=len(tiles),
+        reference=opts.reference, tiles=len(tiles), tile_size=opts.tile_size,
         window={"col_off": area.col, "row_off": area.row, "width": area.width, "height": area.height},
         median_flow=qa.median_flow(products), certainty_coverage=verdict["coverage"], evidence_certainty=level,
         affine=[[float(v) for v in row] for row in affine], affine_rmse=stats["rmse"],

@@ -13,7 +13,7 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from soma_cli import coords, synth
+from soma_cli import coords, synth, tiling
 from soma_cli.pipeline import RegisterOptions, register
 
 CRS = "EPSG:32611"
@@ -632,3 +632,14 @@ def test_scene_rotation_seeds_and_majority():
     assert scene_rotation.agreed([0, 0, 4, 4, 4, 4], [1, 1, 0.2, 0.2, 0.2, 0.2]) is None  # 2 usable
     assert scene_rotation.agreed([0, 0, 4, 4, 4, 4], [1, 1, 0.2, 0.2, 0.2, 1]) == 0.0  # 2 of 3 usable
     assert scene_rotation.agreed([-8, -8, -8, 4], [1, 1, 1, 0.1]) == -8.0
+
+
+@pytest.mark.parametrize("side,size", [(900, 512), (1900, 768)])
+def test_without_a_tile_size_the_layout_with_fewer_pixels_is_used_and_reported(tmp_path, side, size):
+    base = ndimage_smooth(np.random.default_rng(8).random((side, side)))
+    s = write(tmp_path / "sar.tif", (base * 200).astype(np.uint8))
+    o = write(tmp_path / "opt.tif", (base * 200).astype(np.uint8))
+    res = register(RegisterOptions(sar=s, opt=o, out=tmp_path / "out.tif", method="identity", qa_out=tmp_path / "qa"))
+    assert res.tile_size == size == tiling.choose_size(side, side, tiling.DEFAULT_OVERLAP)
+    assert res.tiles == len(tiling.layout(side, side, size, tiling.DEFAULT_OVERLAP))
+    assert res.qa["run"]["settings"]["tile_size"] == size  # the QA summary records the size used
