@@ -130,10 +130,7 @@ def _validate(opts: RegisterOptions) -> None:
         raise ConfigError("--io-threads must be 0 or more")
     if opts.sar_scale not in preprocess.SAR_KINDS:
         raise ConfigError(f"--sar-scale must be one of {', '.join(preprocess.SAR_KINDS)}")
-    if opts.tile_size is not None:
-        tiling.validate(opts.tile_size, opts.overlap)
-    else:
-        tiling.choose_size(1, 1, opts.overlap)  # some size allows the overlap
+    tiling.validate(opts.tile_size, opts.overlap)
     for flag, path in (("--out", opts.out), ("--flow-out", opts.flow_out)):
         if path is not None and Path(path).suffix.lower() not in (".tif", ".tiff"):
             raise OutputError(f"{flag} is written as a GeoTIFF: give it a .tif or .tiff name (got {Path(path).name})")

@@ -12,7 +12,7 @@ tiles on a fixed grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List
+from typing import Iterable, Iterator, List, Optional
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 #: The tile sizes ``soma register`` chooses from (:func:`choose_size`), each with the relative time
 #: of one of its pixels in ``soma register`` on 2 CPU cores.  Larger tiles repeat less of the
-#: overlap, but a 768 px tile's pixel costs about 10 % more end to end: the network alone is 5 %
+#: overlap, but a 768 px tile's pixel costs about 10 % more end to end: the network alone is 3-5 %
 #: cheaper per pixel, its larger tensors exceed glibc's 32 MB heap limit and are page-faulted in
 #: afresh, and the scene's seed tiles are larger.  Measured: a 4096 px scene 85 s with 512 px tiles,
 #: 90 s with 768 px (9 % fewer pixels); a 10980 px scene 9 min 11 s against 7 min 26 s (23 % fewer).
@@ -58,15 +58,20 @@ def starts(length: int, size: int, overlap: int) -> List[int]:
     return out
 
 
-def validate(size: int, overlap: int, multiple: int = 32) -> None:
-    if size < 128 or size % multiple:
+def validate(size: Optional[int], overlap: int, multiple: int = 32) -> None:
+    """Check a tile size and overlap; ``size`` None stands for the default (:func:`choose_size`),
+    which needs one of :data:`TILE_SIZES` to allow the overlap."""
+    if size is not None and (size < 128 or size % multiple):
         raise ConfigError(f"--tile-size must be a multiple of {multiple} and at least 128 (got {size})")
-    if not _overlap_ok(size, overlap):
+    _sizes_allowing(TILE_SIZES if size is None else (size,), overlap)
+
+
+def _sizes_allowing(sizes: Iterable[int], overlap: int) -> List[int]:
+    """The ``sizes`` (ascending) that ``overlap`` fits, at most half a tile; ConfigError if none."""
+    fit = [s for s in sorted(sizes) if 0 <= overlap < s // 2 + 1]
+    if not fit:
         raise ConfigError(f"--overlap must be between 0 and half the tile size (got {overlap})")
-
-
-def _overlap_ok(size: int, overlap: int) -> bool:
-    return 0 <= overlap < size // 2 + 1
+    return fit
 
 
 def layout(height: int, width: int, size: int, overlap: int) -> List[Tile]:
@@ -88,10 +93,7 @@ def choose_size(height: int, width: int, overlap: int) -> int:
     :data:`TILE_COST`; on a tie the smaller, which needs less memory.  A 10980 px scene takes 768 px
     tiles (289 tiles, 170 MPx, against 841 tiles and 220 MPx of 512 px tiles); 4096 and 1024 px
     scenes take 512 px tiles (31.7 against 28.9 MPx, and the same pixels)."""
-    allowed = [s for s in sorted(TILE_COST) if _overlap_ok(s, overlap)]
-    if not allowed:
-        raise ConfigError(f"--overlap must be between 0 and half the tile size (got {overlap})")
-    return min(allowed, key=lambda s: processed_pixels(height, width, s, overlap) * TILE_COST[s])
+    return min(_sizes_allowing(TILE_SIZES, overlap), key=lambda s: processed_pixels(height, width, s, overlap) * TILE_COST[s])
 
 
 def grid(height: int, width: int, size: int) -> List[Tile]:

@@ -635,7 +635,7 @@ def test_scene_rotation_seeds_and_majority():
 
 
 @pytest.mark.parametrize("side,size", [(900, 512), (1900, 768)])
-def test_without_a_tile_size_the_layout_with_fewer_pixels_is_used_and_reported(tmp_path, side, size):
+def test_without_a_tile_size_the_faster_layout_is_used_and_reported(tmp_path, side, size):
     base = ndimage_smooth(np.random.default_rng(8).random((side, side)))
     s = write(tmp_path / "sar.tif", (base * 200).astype(np.uint8))
     o = write(tmp_path / "opt.tif", (base * 200).astype(np.uint8))
