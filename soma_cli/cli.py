@@ -28,7 +28,7 @@ from .tiling import DEFAULT_OVERLAP, TILE_SIZES
 #: ``--tile-size`` of register and batch.
 TileSize = Annotated[Optional[int], typer.Option(
     help=f"Tile size in pixels (a multiple of 32); default: {' or '.join(map(str, TILE_SIZES))}, whichever "
-         "layout of the overlap takes less time (a 768 px tile's pixel counts 10 % dearer; the smaller on a tie).",
+         "layout with the overlap processes fewer pixels (the smaller on a tie).",
     show_default=False)]
 
 app = typer.Typer(

@@ -5,7 +5,7 @@ smaller), overlap by ``overlap`` pixels, and the last tile of a row/column is sh
 that every tile lies inside the area (no padding at the scene edge).  Tiles come in row-major
 order, which is what lets :mod:`soma_cli.stitch` finalise rows as soon as no later tile can touch
 them.  Without a ``--tile-size``, :func:`choose_size` picks the size of :data:`TILE_SIZES` whose
-layout costs the least time.  :func:`grid` (``soma evaluate``'s chips): non-overlapping
+layout holds the fewest pixels.  :func:`grid` (``soma evaluate``'s chips): non-overlapping
 tiles on a fixed grid.
 """
 
@@ -18,14 +18,12 @@ import numpy as np
 
 from .errors import ConfigError
 
-#: The tile sizes ``soma register`` chooses from (:func:`choose_size`), each with the relative time
-#: of one of its pixels in ``soma register`` on 2 CPU cores.  Larger tiles repeat less of the
-#: overlap, but a 768 px tile's pixel costs about 10 % more end to end: the network alone is 3-5 %
-#: cheaper per pixel, its larger tensors exceed glibc's 32 MB heap limit and are page-faulted in
-#: afresh, and the scene's seed tiles are larger.  Measured: a 4096 px scene 85 s with 512 px tiles,
-#: 90 s with 768 px (9 % fewer pixels); a 10980 px scene 9 min 11 s against 7 min 26 s (23 % fewer).
-TILE_COST = {512: 1.0, 768: 1.1}
-TILE_SIZES = tuple(TILE_COST)
+#: The tile sizes ``soma register`` chooses from (:func:`choose_size`).  A pixel costs about the same
+#: in either on 2 CPU cores (the network alone is 3 % cheaper per pixel at 768 px; a 4096 px scene
+#: took 80 s with 768 px tiles and 89 s with 512 px, 9 % more pixels), so the layout with fewer
+#: pixels is the faster one.  1024 px tiles would hold more pixels than 768 px ones on a whole
+#: Sentinel-2 tile (177 against 170 MPx) and need 1.8 times the memory per tile.
+TILE_SIZES = (512, 768)
 DEFAULT_OVERLAP = 128
 
 
@@ -89,11 +87,11 @@ def processed_pixels(height: int, width: int, size: int, overlap: int) -> int:
 
 def choose_size(height: int, width: int, overlap: int) -> int:
     """The size of :data:`TILE_SIZES` (those that allow ``overlap``, :func:`validate`) whose layout of
-    a ``height x width`` area costs the least time: its :func:`processed_pixels` times the size's
-    :data:`TILE_COST`; on a tie the smaller, which needs less memory.  A 10980 px scene takes 768 px
-    tiles (289 tiles, 170 MPx, against 841 tiles and 220 MPx of 512 px tiles); 4096 and 1024 px
-    scenes take 512 px tiles (31.7 against 28.9 MPx, and the same pixels)."""
-    return min(_sizes_allowing(TILE_SIZES, overlap), key=lambda s: processed_pixels(height, width, s, overlap) * TILE_COST[s])
+    a ``height x width`` area holds the fewest :func:`processed_pixels`, the fastest; on a tie the
+    smaller, which needs less memory.  A 10980 px scene takes 768 px tiles (289 tiles, 170 MPx,
+    against 841 tiles and 220 MPx of 512 px tiles), a 4096 px scene too (28.9 against 31.7 MPx); a
+    1024 px scene takes 512 px tiles (the same pixels either way)."""
+    return min(_sizes_allowing(TILE_SIZES, overlap), key=lambda s: processed_pixels(height, width, s, overlap))
 
 
 def grid(height: int, width: int, size: int) -> List[Tile]:

@@ -79,6 +79,41 @@ def test_oriented_kernels_are_exact_rotations():
     assert torch.allclose(fge.k3[4] * 8.0, encoder.sobel_pair(3)[1])
 
 
+def test_fast_layers_compute_what_their_plain_forms_do():
+    """The encoder's fast forms equal the plain operations they stand for: a Pointwise layer is its
+    1x1 convolution, the one-channel blur by shifted sums is the depthwise convolution, the FGE and
+    the gradient descriptor give the same outputs with and without autograd (in place or not, one
+    grouped convolution for both kernel sizes: the FGE against its energies computed channel order
+    first), and an affine level's reused window statistics change nothing."""
+    torch.manual_seed(3)
+    pw = encoder.Pointwise(7, 5)
+    x = torch.randn(2, 7, 9, 11)
+    assert torch.allclose(pw(x), F.conv2d(x, pw.weight, pw.bias), atol=1e-5)
+    g = encoder.gaussian_1d(1.0, 2)
+    img = torch.randn(1, 1, 20, 30)
+    padded = F.pad(F.pad(img, [2, 2, 0, 0], mode="replicate"), [0, 0, 2, 2], mode="replicate")
+    plain = F.conv2d(F.conv2d(padded, g.view(1, 1, 1, -1)), g.view(1, 1, -1, 1))
+    assert torch.allclose(encoder.blur(img, g), plain, atol=1e-6)
+    fge = encoder.FGE(16, 4)
+    for p in fge.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    feats = torch.randn(1, 16, 24, 24)
+    r = fge.reduce(feats)
+    n = fge.n_dir
+    e3 = F.conv2d(r, fge.k3.unsqueeze(0).expand(4, n, 3, 3).reshape(4 * n, 1, 3, 3), padding=1, groups=4)
+    e5 = F.conv2d(r, fge.k5.unsqueeze(0).expand(4, n, 5, 5).reshape(4 * n, 1, 5, 5), padding=2, groups=4)
+    e = torch.cat([e3, e5], 1).abs()
+    e = e * torch.sigmoid(fge.se2(F.relu(fge.se1(e.mean((2, 3), keepdim=True)))))
+    e = e * torch.sigmoid(fge.spatial(torch.cat([e.mean(1, keepdim=True), e.amax(1, keepdim=True)], 1)))
+    reference = feats + F.conv2d(e, fge.recon.weight, fge.recon.bias)
+    with torch.inference_mode():
+        fast = fge(feats)
+    assert torch.allclose(fast, reference, atol=1e-4) and torch.allclose(fge(feats), reference, atol=1e-4)
+    a, b = torch.randn(1, 8, 40, 40), torch.randn(1, 8, 40, 40)
+    stats = corr_ops.window_stats(a, 9, 4)
+    assert torch.equal(corr_ops.window_zncc(a, b, 2, 9, 4, stats), corr_ops.window_zncc(a, b, 2, 9, 4))
+
+
 def test_param_count(model):
     assert 100_000 <= net.n_params(model) <= 1_500_000
 

@@ -1,15 +1,16 @@
 """Correlation and voting operators of SOMA's matching stages (TorchScript-compatible).
 
 Window means by cumulative sums (:func:`box`), local correlation over a search window
-(:func:`local_corr`), its zero-normalised window version (:func:`window_zncc`), sub-pixel peaks
-(:func:`peak_subpixel`), correlation over all translations by FFT (:func:`xcorr_shifts`) and the
-weighted window mean of the dense consensus (:func:`norm_conv`).  Correlation channels are ordered
+(:func:`local_corr`), its zero-normalised window version (:func:`window_zncc`, with the window
+statistics of :func:`window_stats`), sub-pixel peaks (:func:`peak_subpixel`), correlation over all
+translations by FFT (:func:`xcorr_shifts`) and the weighted window mean of the dense consensus
+(:func:`norm_conv`).  Correlation channels are ordered
 ``(dy, dx)`` with ``dy`` outer, both in ``[-r, r]``.
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -76,10 +77,11 @@ def box(x: torch.Tensor, k: int, step: int = 1) -> torch.Tensor:
     return y.transpose(2, 3).contiguous()
 
 
-#: Positions of a level from which :func:`local_corr` accumulates channel planes (256 x 256: 25 %
-#: faster there with 32 channels and 7 x 7 shifts, 50 % at 512 x 512 with 16 channels and 3 x 3 on
-#: 2 cores; at 128 x 128 the per-call cost of the plane operations makes it slower).
-PLANE_MIN = 1 << 16
+#: Positions of a level from which :func:`local_corr` accumulates channel planes (on 2 cores with 32
+#: channels and 7 x 7 shifts: 9 % faster at 192 x 192, 25 % at 256 x 256, 50 % at 512 x 512 with 16
+#: channels and 3 x 3 shifts; at 128 x 128 the per-call cost of the plane operations makes it 1.8
+#: times slower).
+PLANE_MIN = 192 * 192
 
 
 def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1, block_bytes: int = 1 << 21,
@@ -159,7 +161,17 @@ def shifted(x: torch.Tensor, r: int, step: int = 1) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
-def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 1) -> torch.Tensor:
+def window_stats(f: torch.Tensor, k: int, step: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The mean descriptor ``(B, C, H', W')`` and the variance (summed over channels,
+    ``(B, 1, H', W')``) of the ``k x k`` windows of ``f`` centred on the positions of
+    :func:`geometry.subsample`: what :func:`window_zncc` needs of its first input."""
+    m = box(f, k, step)
+    v = (box((f * f).sum(1, keepdim=True), k, step) - (m * m).sum(1, keepdim=True)).clamp(min=0.0)
+    return m, v
+
+
+def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 1,
+                stats1: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """``(B, (2r+1)^2, H', W')`` zero-normalised cross-correlation of ``k x k`` windows of ``f1``
     (centred on ``q``) and ``f2`` (centred on ``q + (dx, dy)``), ``dy, dx`` in ``[-r, r]`` (dy outer,
     as :func:`local_corr`); each window's mean descriptor is removed before the correlation, as in
@@ -167,15 +179,14 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 
     dominant orientation) does not lift every shift alike.  Values are in ``[-1, 1]``; a window
     without variance scores 0, a shift whose window centre ``q + d`` lies outside the image -1.
     With ``step`` > 1 only the window centres ``q`` of :func:`geometry.subsample` are scored (the
-    same values, for less work where wide windows overlap).
+    same values, for less work where wide windows overlap).  ``stats1``: ``window_stats(f1, k,
+    step)``, for a caller that correlates the same ``f1`` again.
 
     Computed from box filters: ``sum(f1 f2) - <mean f1, mean f2>`` over the window, divided by the
     square root of both windows' variances (shifted to ``q + d`` for ``f2``)."""
     # the window statistics of f1 are only needed where windows are scored, those of f2 around them
-    m1 = box(f1, k, step)
-    m2 = box(f2, k)
-    v1 = (box((f1 * f1).sum(1, keepdim=True), k, step) - (m1 * m1).sum(1, keepdim=True)).clamp(min=0.0)
-    v2 = (box((f2 * f2).sum(1, keepdim=True), k) - (m2 * m2).sum(1, keepdim=True)).clamp(min=0.0)
+    m1, v1 = window_stats(f1, k, step) if stats1 is None else stats1
+    m2, v2 = window_stats(f2, k)
     prod = box(local_corr(f1, f2, r), k, step)
     num = prod - local_corr(m1, m2, r, step, sampled=True)
     # a window without variance has no correlation: it scores 0 (num / eps would be huge along the
@@ -194,7 +205,8 @@ def l2n(x: torch.Tensor) -> torch.Tensor:
     otherwise makes all cosine similarities alike), then L2-normalise per position."""
     x = x - x.mean((2, 3), keepdim=True)
     # as F.normalize(x, dim=1, eps=1e-6), whose strided channel norm is 3x slower on the CPU
-    return x / (x * x).sum(1, keepdim=True).sqrt().clamp(min=1e-6)
+    norm = (x * x).sum(1, keepdim=True).sqrt().clamp(min=1e-6)
+    return x.div_(norm) if not torch.is_grad_enabled() else x / norm
 
 
 def peak_subpixel(corr: torch.Tensor, r: int, cone: bool) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ network already matches like a structural-gradient matcher.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,23 @@ def gaussian_1d(sigma: float, radius: int) -> torch.Tensor:
 
 
 def blur(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable depthwise blur with the 1-D kernel ``g`` (replicate padding)."""
+    """Separable blur of every channel with the 1-D kernel ``g`` (replicate padding): a depthwise
+    convolution, or for one channel weighted sums of shifted views (oneDNN's convolution is 5
+    times slower there on the CPU)."""
     c = x.shape[1]
     r = (g.shape[0] - 1) // 2
+    if c == 1:
+        h = x.shape[-2]
+        w = x.shape[-1]
+        xp = F.pad(x, [r, r, 0, 0], mode="replicate")
+        y = xp[:, :, :, 0:w] * g[0]
+        for i in range(1, 2 * r + 1):
+            y.addcmul_(xp[:, :, :, i:i + w], g[i])
+        yp = F.pad(y, [0, 0, r, r], mode="replicate")
+        z = yp[:, :, 0:h, :] * g[0]
+        for i in range(1, 2 * r + 1):
+            z.addcmul_(yp[:, :, i:i + h, :], g[i])
+        return z
     kx = g.view(1, 1, 1, -1).expand(c, 1, 1, g.shape[0])
     ky = g.view(1, 1, -1, 1).expand(c, 1, g.shape[0], 1)
     x = F.conv2d(F.pad(x, [r, r, 0, 0], mode="replicate"), kx, groups=c)
@@ -66,6 +80,26 @@ def cell_pool(x: torch.Tensor, s: int) -> torch.Tensor:
     return F.avg_pool2d(x, 2 * s, s, s // 2, count_include_pad=False)
 
 
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1 convolution (``weight`` ``(Co, Ci, 1, 1)``) as one matrix product over the positions:
+    2 to 4 times faster than oneDNN's 1x1 convolution on the CPU, the same values up to rounding."""
+    b, c, h, w = x.shape
+    y = torch.matmul(weight.view(weight.shape[0], c), x.reshape(b, c, h * w))
+    if bias is not None:
+        y.add_(bias.view(1, -1, 1))
+    return y.view(b, -1, h, w)
+
+
+class Pointwise(nn.Conv2d):
+    """``nn.Conv2d(cin, cout, 1)`` (its parameters and initialisation) computed by :func:`pointwise`."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise(x, self.weight, self.bias)
+
+
 def conv(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2), nn.LeakyReLU(0.1))
 
@@ -73,14 +107,19 @@ def conv(cin: int, cout: int, stride: int = 1, k: int = 3) -> nn.Sequential:
 class FGE(nn.Module):
     """Feature Gradient Enhancer: learnable oriented gradient filters (8 directions x 2 scales,
     initialised from exactly rotated Sobel kernels) applied depthwise to a channel reduction of the
-    features, magnitude, SE channel attention, CBAM spatial attention, 1x1 reconstruction, residual."""
+    features, magnitude, SE channel attention, CBAM spatial attention, 1x1 reconstruction, residual.
+
+    The gradient energies are ordered all 3x3 responses, then all 5x5, group-major within each
+    (the order of the SE and reconstruction weights); :meth:`forward` computes both sizes in one
+    grouped convolution (the 3x3 kernels zero-padded to 5x5), whose outputs come per group, and
+    reads those weights in that order (:attr:`order`) instead of reordering the energies."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
         g = min(channels, groups)
         self.g = g
         self.n_dir = len(ANGLES_DEG)
-        self.reduce = nn.Conv2d(channels, g, 1)
+        self.reduce = Pointwise(channels, g)
         self.k3 = nn.Parameter(oriented_kernels(3, ANGLES_DEG) / 8.0)
         self.k5 = nn.Parameter(oriented_kernels(5, ANGLES_DEG) / 96.0)
         n = 2 * self.n_dir * g
@@ -88,28 +127,41 @@ class FGE(nn.Module):
         self.se1 = nn.Conv2d(n, hidden, 1)
         self.se2 = nn.Conv2d(hidden, n, 1)
         self.spatial = nn.Conv2d(2, 1, 7, padding=3)
-        self.recon = nn.Conv2d(n, channels, 1)
+        self.recon = Pointwise(n, channels)
         nn.init.normal_(self.recon.weight, std=0.01)
         nn.init.zeros_(self.recon.bias)
+        # order[i]: the energy (in the weights' order) that the grouped convolution's output i holds:
+        # group j's direction d at size s (0: 3x3, 1: 5x5) is energy s * g * n_dir + j * n_dir + d
+        j = torch.arange(g).view(g, 1, 1)
+        sz = torch.arange(2).view(1, 2, 1)
+        d = torch.arange(self.n_dir).view(1, 1, self.n_dir)
+        self.register_buffer("order", (sz * g * self.n_dir + j * self.n_dir + d).reshape(-1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.reduce(x)
-        w3 = self.k3.unsqueeze(0).expand(self.g, self.n_dir, 3, 3).reshape(self.g * self.n_dir, 1, 3, 3)
-        w5 = self.k5.unsqueeze(0).expand(self.g, self.n_dir, 5, 5).reshape(self.g * self.n_dir, 1, 5, 5)
-        e3 = F.conv2d(r, w3, padding=1, groups=self.g)
-        e5 = F.conv2d(r, w5, padding=2, groups=self.g)
-        e = torch.cat([e3, e5], 1).abs()  # polarity-free oriented gradient energy
-        ca = torch.sigmoid(self.se2(F.relu(self.se1(e.mean((2, 3), keepdim=True)))))
-        e = e * ca
+        g = self.g
+        nd = self.n_dir
+        kernels = torch.cat([F.pad(self.k3, [1, 1, 1, 1]), self.k5], 0)
+        kernels = kernels.unsqueeze(0).expand(g, 2 * nd, 5, 5).reshape(g * 2 * nd, 1, 5, 5)
+        e = F.conv2d(self.reduce(x), kernels, padding=2, groups=g)
+        # in place where no gradient is recorded (fewer large temporaries: about 30 % faster at stride 2)
+        inplace = not torch.is_grad_enabled()
+        e = e.abs_() if inplace else e.abs()  # polarity-free oriented gradient energy
+        o = self.order
+        bias = self.se2.bias
+        assert bias is not None
+        hid = F.relu(F.conv2d(e.mean((2, 3), keepdim=True), self.se1.weight[:, o], self.se1.bias))
+        ca = torch.sigmoid(F.conv2d(hid, self.se2.weight[o], bias[o]))
+        e = e.mul_(ca) if inplace else e * ca
         sa = torch.sigmoid(self.spatial(torch.cat([e.mean(1, keepdim=True), e.amax(1, keepdim=True)], 1)))
-        e = e * sa
-        return x + self.recon(e)
+        e = e.mul_(sa) if inplace else e * sa
+        return pointwise(e, self.recon.weight[:, o], self.recon.bias).add_(x)
 
 
 class GradientDescriptor(nn.Module):
     """Level-0 FGE on the image: Gaussian pre-smoothing, learnable oriented gradient filters
-    (8 directions x 3x3 and 5x5, exactly rotated Sobel initialisation), polarity-free magnitude and a
-    learnable per-channel gain.  ``(B, 1, H, W)`` -> ``(B, 16, H, W)``."""
+    (8 directions x 3x3 and 5x5, exactly rotated Sobel initialisation; one convolution, the 3x3
+    kernels zero-padded), polarity-free magnitude and a learnable per-channel gain.
+    ``(B, 1, H, W)`` -> ``(B, 16, H, W)``."""
 
     def __init__(self, sigma: float):
         super().__init__()
@@ -120,10 +172,8 @@ class GradientDescriptor(nn.Module):
         self.register_buffer("g1", gaussian_1d(sigma, int(round(2 * sigma))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xs = blur(x, self.g1)
-        e3 = F.conv2d(xs, self.k3.unsqueeze(1), padding=1)
-        e5 = F.conv2d(xs, self.k5.unsqueeze(1), padding=2)
-        return torch.cat([e3, e5], 1).abs() * self.gain.view(1, -1, 1, 1)
+        kernels = torch.cat([F.pad(self.k3, [1, 1, 1, 1]), self.k5], 0).unsqueeze(1)
+        return F.conv2d(blur(x, self.g1), kernels, padding=2).abs() * self.gain.view(1, -1, 1, 1)
 
 
 class Encoder(nn.Module):
@@ -141,9 +191,9 @@ class Encoder(nn.Module):
         self.fge1 = FGE(ch[0], config.fge_groups[0])
         self.fge2 = FGE(ch[1], config.fge_groups[1])
         self.fge3 = FGE(ch[2], config.fge_groups[2])
-        self.p2 = nn.Conv2d(ch[0], config.learnt, 1)
-        self.p4 = nn.Conv2d(ch[1], config.learnt, 1)
-        self.p8 = nn.Conv2d(ch[2], config.learnt, 1)
+        self.p2 = Pointwise(ch[0], config.learnt)
+        self.p4 = Pointwise(ch[1], config.learnt)
+        self.p8 = Pointwise(ch[2], config.learnt)
         for p in (self.p2, self.p4, self.p8):
             nn.init.normal_(p.weight, std=0.02)
             nn.init.zeros_(p.bias)

@@ -24,16 +24,19 @@ from torch import nn
 
 from . import geometry
 from .config import AffineLevelConfig, DenseLevelConfig, GlobalConfig
-from .correlation import norm_conv, peak_subpixel, window_zncc, xcorr_shifts
+from .correlation import norm_conv, peak_subpixel, window_stats, window_zncc, xcorr_shifts
+from .encoder import Pointwise
 
 
 def match_window(mo: torch.Tensor, ms: torch.Tensor, flow: torch.Tensor, radius: int, window: int,
-                 temperature: torch.Tensor, cone: bool,
-                 step: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 temperature: torch.Tensor, cone: bool, step: int = 1,
+                 stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Warp the SAR descriptors ``ms`` by ``flow`` (level pixels) and correlate ``window``-wide
     windows with ``mo`` over ``+-radius``; returns (correlation, sub-pixel displacement, peak
-    confidence, warped SAR inside the level), at every ``step``-th position (:func:`geometry.subsample`)."""
-    corr = window_zncc(mo, geometry.warp(ms, flow), radius, window, step)
+    confidence, warped SAR inside the level), at every ``step``-th position (:func:`geometry.subsample`).
+    ``stats``: ``window_stats(mo, window, step)``, where ``mo`` is matched again."""
+    corr = window_zncc(mo, geometry.warp(ms, flow), radius, window, step, stats)
     disp, interior = peak_subpixel(corr, radius, cone)
     conf = torch.softmax(corr * temperature, 1).amax(1, keepdim=True) * interior
     return corr, disp, conf, geometry.subsample(geometry.inside_mask(flow, mo.shape[-2], mo.shape[-1]), step)
@@ -169,17 +172,18 @@ class AffineLevel(nn.Module):
     def forward(self, mo: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, affine: torch.Tensor,
                 temperature: torch.Tensor) -> torch.Tensor:
         """``affine`` (full-resolution pixels) refined on this level's descriptors."""
+        stats = window_stats(mo, self.window, self.step)  # the optical windows, the same every round
         for _ in range(self.iterations):
-            affine = self.refine(mo, ms, valid, affine, temperature)
+            affine = self.refine(mo, ms, valid, affine, temperature, stats)
         return affine
 
     def refine(self, mo: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, affine: torch.Tensor,
-               temperature: torch.Tensor) -> torch.Tensor:
+               temperature: torch.Tensor, stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         b, c, h, w = mo.shape
         a_lvl = geometry.scale_affine(affine, float(self.stride))
         fl = geometry.affine_to_flow(a_lvl, h, w).detach()
         _, disp, conf, inside = match_window(mo, ms, fl, radius=self.radius, window=self.window,
-                                             temperature=temperature, cone=True, step=self.step)
+                                             temperature=temperature, cone=True, step=self.step, stats=stats)
         pts = geometry.grid_points(b, h, w, mo.device, mo.dtype, self.step)
         tgt = pts + disp.flatten(2).transpose(1, 2)
         wt = conf * geometry.subsample(valid, self.step) * inside
@@ -194,7 +198,7 @@ class DenseHead(nn.Module):
     def __init__(self, cin: int, hidden: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(cin, hidden, 1), nn.LeakyReLU(0.1),
+            Pointwise(cin, hidden), nn.LeakyReLU(0.1),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.LeakyReLU(0.1),
             nn.Conv2d(hidden, hidden, 3, padding=2, dilation=2), nn.LeakyReLU(0.1),
             nn.Conv2d(hidden, 3, 3, padding=1),
