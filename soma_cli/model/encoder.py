@@ -45,6 +45,12 @@ def oriented_kernels(size: int, angles_deg: List[float]) -> torch.Tensor:
     return torch.stack([math.cos(math.radians(a)) * gx + math.sin(math.radians(a)) * gy for a in angles_deg])
 
 
+def kernel_bank(k3: torch.Tensor, k5: torch.Tensor) -> torch.Tensor:
+    """``(2n, 5, 5)``: the ``n`` 3x3 kernels ``k3`` zero-padded to 5x5, then the ``n`` 5x5 kernels
+    ``k5``, for one convolution that computes both sizes."""
+    return torch.cat([F.pad(k3, [1, 1, 1, 1]), k5], 0)
+
+
 def gaussian_1d(sigma: float, radius: int) -> torch.Tensor:
     t = torch.arange(-radius, radius + 1, dtype=torch.float32)
     g = torch.exp(-0.5 * (t / sigma) ** 2)
@@ -111,7 +117,7 @@ class FGE(nn.Module):
 
     The gradient energies are ordered all 3x3 responses, then all 5x5, group-major within each
     (the order of the SE and reconstruction weights); :meth:`forward` computes both sizes in one
-    grouped convolution (the 3x3 kernels zero-padded to 5x5), whose outputs come per group, and
+    grouped convolution (:func:`kernel_bank`), whose outputs come per group, and
     reads those weights in that order (:attr:`order`) instead of reordering the energies."""
 
     def __init__(self, channels: int, groups: int):
@@ -140,8 +146,7 @@ class FGE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.g
         nd = self.n_dir
-        kernels = torch.cat([F.pad(self.k3, [1, 1, 1, 1]), self.k5], 0)
-        kernels = kernels.unsqueeze(0).expand(g, 2 * nd, 5, 5).reshape(g * 2 * nd, 1, 5, 5)
+        kernels = kernel_bank(self.k3, self.k5).unsqueeze(0).expand(g, 2 * nd, 5, 5).reshape(g * 2 * nd, 1, 5, 5)
         e = F.conv2d(self.reduce(x), kernels, padding=2, groups=g)
         # in place where no gradient is recorded (fewer large temporaries: about 30 % faster at stride 2)
         inplace = not torch.is_grad_enabled()
@@ -159,8 +164,8 @@ class FGE(nn.Module):
 
 class GradientDescriptor(nn.Module):
     """Level-0 FGE on the image: Gaussian pre-smoothing, learnable oriented gradient filters
-    (8 directions x 3x3 and 5x5, exactly rotated Sobel initialisation; one convolution, the 3x3
-    kernels zero-padded), polarity-free magnitude and a learnable per-channel gain.
+    (8 directions x 3x3 and 5x5, exactly rotated Sobel initialisation; one convolution,
+    :func:`kernel_bank`), polarity-free magnitude and a learnable per-channel gain.
     ``(B, 1, H, W)`` -> ``(B, 16, H, W)``."""
 
     def __init__(self, sigma: float):
@@ -172,7 +177,7 @@ class GradientDescriptor(nn.Module):
         self.register_buffer("g1", gaussian_1d(sigma, int(round(2 * sigma))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = torch.cat([F.pad(self.k3, [1, 1, 1, 1]), self.k5], 0).unsqueeze(1)
+        kernels = kernel_bank(self.k3, self.k5).unsqueeze(1)
         return F.conv2d(blur(x, self.g1), kernels, padding=2).abs() * self.gain.view(1, -1, 1, 1)
 
 

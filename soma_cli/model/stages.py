@@ -178,7 +178,8 @@ class AffineLevel(nn.Module):
         return affine
 
     def refine(self, mo: torch.Tensor, ms: torch.Tensor, valid: torch.Tensor, affine: torch.Tensor,
-               temperature: torch.Tensor, stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+               temperature: torch.Tensor, stats: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One round: match, fit, compose.  ``stats``: ``window_stats(mo, window, step)``."""
         b, c, h, w = mo.shape
         a_lvl = geometry.scale_affine(affine, float(self.stride))
         fl = geometry.affine_to_flow(a_lvl, h, w).detach()
