@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from soma_cli import cpu, infer
 from soma_cli.errors import WeightsError
 from soma_cli.model import correlation as corr_ops
-from soma_cli.model import encoder, geometry, loader, net
+from soma_cli.model import encoder, geometry, loader, net, stages
 from soma_cli.model.checkpoint import save_checkpoint
 from soma_cli.model.config import DenseLevelConfig, EncoderConfig, GlobalConfig, SomaConfig
 from soma_cli.model.export import export
@@ -112,6 +112,55 @@ def test_fast_layers_compute_what_their_plain_forms_do():
     a, b = torch.randn(1, 8, 40, 40), torch.randn(1, 8, 40, 40)
     stats = corr_ops.window_stats(a, 9, 4)
     assert torch.equal(corr_ops.window_zncc(a, b, 2, 9, 4, stats), corr_ops.window_zncc(a, b, 2, 9, 4))
+    gd = encoder.GradientDescriptor(1.0)
+    torch.nn.init.normal_(gd.gain, std=1.0)
+    with torch.inference_mode():
+        e_fast = gd(img)
+    e_plain = gd(img)
+    assert torch.allclose(e_fast, e_plain, atol=1e-6)
+    assert torch.allclose(e_plain, F.conv2d(encoder.blur(img, gd.g1), encoder.kernel_bank(gd.k3, gd.k5).unsqueeze(1),
+                                            padding=2).abs() * gd.gain.view(1, -1, 1, 1), atol=1e-6)
+
+
+def test_channels_last_stages_equal_their_plain_forms():
+    """The encoder pools and blurs its oriented channels channels-last and the dense head
+    convolves channels-last: the outputs equal the same operations on the usual layout, and come
+    back in it."""
+    torch.manual_seed(5)
+    enc = encoder.Encoder(SomaConfig().encoder)
+    img = torch.randn(1, 1, 64, 64)
+    with torch.inference_mode():
+        m1, m2, m4, m8 = enc(img)
+        e = enc.grad(img)
+    assert all(m.is_contiguous() for m in (m1, m2, m4, m8))
+    assert torch.allclose(m1, encoder.blur(e, enc.g2), atol=1e-6)
+    for m, s in ((m2, 2), (m4, 4), (m8, 8)):
+        assert torch.allclose(m[:, :16], F.avg_pool2d(e, 2 * s, s, s // 2, count_include_pad=False), atol=1e-6)
+    head = stages.DenseHead(7, 16)
+    torch.nn.init.normal_(head.net[-1].weight, std=0.3)
+    x = torch.randn(1, 7, 32, 40)
+    with torch.inference_mode():
+        got = head(x)
+        plain = x
+        for layer in head.net:
+            plain = layer(plain)
+    assert got.is_contiguous() and torch.allclose(got, plain, atol=1e-5)
+
+
+def test_row_sums_and_window_means_are_exact_where_they_must_be():
+    """The blocked row cumulative sum equals ``torch.cumsum`` (to float rounding; the large tensor
+    takes the blocked path), and the window mean of a 0/1 map is exactly 0 where the window holds
+    no 1 (the matching masks' border margin relies on it), as the dilation by max pooling says."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 384, 384, generator=g)
+    with torch.inference_mode():
+        got = corr_ops.cumsum_rows(x)
+    assert torch.allclose(got, torch.cumsum(x, 2), atol=1e-3)
+    bad = (torch.rand(1, 1, 768, 768, generator=g) > 0.999).float()
+    with torch.inference_mode():
+        near = corr_ops.box(bad, 17) > 0.0
+    assert torch.equal(near, F.max_pool2d(bad, 17, 1, 8) > 0.0)
+    assert 0.05 < near.float().mean().item() < 0.95
 
 
 def test_param_count(model):
@@ -188,12 +237,12 @@ def test_window_zncc_matches_brute_force_and_peaks_at_the_shift():
 
 @pytest.mark.parametrize("block_bytes", [1, 4096, 1 << 30])
 @pytest.mark.parametrize("step", [1, 2, 4])
-@pytest.mark.parametrize("planes", [False, True])
-def test_local_corr_blocks_equal_the_explicit_products(block_bytes, step, planes):
-    """local_corr, computed a block of rows at a time with or without autograd, or (``planes``:
-    every level counts as large) accumulated over channel planes without autograd, equals the
-    explicit channel dot products at each kept position and shift, zero outside."""
-    plane_min = 1 if planes else 1 << 40
+@pytest.mark.parametrize("sampled", [False, True])
+def test_local_corr_blocks_equal_the_explicit_products(block_bytes, step, sampled):
+    """local_corr, computed a block of rows at a time without autograd (bands of all shifts
+    accumulated channel by channel) and with it (products summed per shift), from the whole first
+    level or from its scored positions (``sampled``), equals the explicit channel dot products at
+    each kept position and shift, zero outside."""
     g = torch.Generator().manual_seed(3)
     a = torch.randn(2, 5, 21, 18, generator=g)
     b = torch.randn(2, 5, 21, 18, generator=g)
@@ -204,16 +253,14 @@ def test_local_corr_blocks_equal_the_explicit_products(block_bytes, step, planes
     xs = torch.arange(step // 2, 18, step)
     want = torch.stack([(a[:, :, ys][:, :, :, xs] * bp[:, :, ys + dy][:, :, :, xs + dx]).sum(1)
                         for dy in range(n) for dx in range(n)], 1)
+    a1 = a[:, :, ys][:, :, :, xs] if sampled else a
     with torch.inference_mode():
-        got = corr_ops.local_corr(a, b, r, step, block_bytes, plane_min=plane_min)
+        got = corr_ops.local_corr(a1, b, r, step, block_bytes, sampled=sampled)
     assert got.shape == want.shape == (2, n * n, len(ys), len(xs))
     assert torch.allclose(got, want, atol=1e-5)
     a.requires_grad_(True)
-    tracked = corr_ops.local_corr(a, b, r, step, block_bytes, plane_min=plane_min)
-    if planes and step == 1:  # the channel sums in another order: equal to rounding
-        assert torch.allclose(tracked.detach(), got, atol=1e-5)
-    else:
-        assert torch.equal(tracked.detach(), got)
+    tracked = corr_ops.local_corr(a, b, r, step, block_bytes)
+    assert torch.allclose(tracked.detach(), got, atol=1e-5)  # the channel sums in another order
     tracked[:, n * n // 2].sum().backward()  # the zero shift: d/da = b at the kept positions
     expect = torch.zeros_like(a)
     expect[:, :, ys[:, None], xs[None, :]] = b[:, :, ys[:, None], xs[None, :]]

@@ -26,16 +26,15 @@ def window_counts(n: int, k: int, device: torch.device, dtype: torch.dtype) -> t
     return torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1
 
 
-def box_1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """Mean over ``k`` consecutive values (odd ``k``, centred) along ``dim`` (2 = rows, 3 = columns)
-    of a ``(B, C, H, W)`` tensor, averaging only what lies inside, from a cumulative sum (cost
-    independent of ``k``)."""
+def sum_1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Sum over ``k`` consecutive values (odd ``k``, centred) along ``dim`` (2 = rows, 3 = columns)
+    of a ``(B, C, H, W)`` tensor, of what lies inside, from a cumulative sum (cost independent of
+    ``k``; exact for integer values, which the cumulative sums hold exactly)."""
     r = k // 2
     n = x.shape[dim]
-    if r >= n:  # the window covers everything: the mean of the whole axis
-        return x.mean(dim, keepdim=True).expand_as(x).contiguous()
-    shape = [1, 1, 1, n] if dim == 3 else [1, 1, n, 1]
-    c = torch.cumsum(x, dim)
+    if r >= n:  # the window covers everything: the sum of the whole axis
+        return x.sum(dim, keepdim=True).expand_as(x).contiguous()
+    c = cumsum_rows(x) if dim == 2 else torch.cumsum(x, dim)
     # window sum at i: c[min(i + r, n - 1)] - c[i - r - 1] (nothing to subtract for i <= r), written
     # in three ranges straight into the output
     s = torch.empty_like(c)
@@ -51,7 +50,31 @@ def box_1d(x: torch.Tensor, k: int, dim: int) -> torch.Tensor:
                     s.narrow(dim, lo, n - lo), track)
     if r >= n - r:  # i <= r, i + r beyond the end (a window wider than the axis): c[n - 1]
         s.narrow(dim, n - r, 2 * r - n + 1).copy_(c.narrow(dim, n - 1, 1).expand_as(s.narrow(dim, n - r, 2 * r - n + 1)))
-    return s.div_(window_counts(n, k, x.device, x.dtype).view(shape))
+    return s
+
+
+def cumsum_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """``torch.cumsum(x, 2)`` of a ``(B, C, H, W)`` tensor.  On the CPU without autograd, for a
+    tensor of at least 2^19 values whose ``H`` is a multiple of ``block``: each block of rows is
+    summed row by row, all blocks at once (each operation adds whole rows, contiguous in memory),
+    then the blocks' totals are carried over; up to three times faster than the per-column scan
+    of ``torch.cumsum`` along rows (smaller tensors are faster by that scan), equal to float
+    rounding."""
+    b = x.shape[0]
+    c = x.shape[1]
+    h = x.shape[2]
+    w = x.shape[3]
+    if x.requires_grad or x.is_cuda or h % block != 0 or h < 2 * block or x.numel() < (1 << 19):
+        return torch.cumsum(x, 2)
+    nb = h // block
+    xv = x.contiguous().view(b, c, nb, block, w)
+    out = torch.empty_like(xv)
+    out[:, :, :, 0] = xv[:, :, :, 0]
+    for i in range(1, block):
+        torch.add(out[:, :, :, i - 1], xv[:, :, :, i], out=out[:, :, :, i])
+    carry = out[:, :, :-1, block - 1].cumsum(2)  # the total of every block before the next one
+    out[:, :, 1:] += carry.unsqueeze(3)
+    return out.view(b, c, h, w)
 
 
 def _difference(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, track: bool) -> None:
@@ -64,45 +87,45 @@ def _difference(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, track: bool
 
 def box(x: torch.Tensor, k: int, step: int = 1) -> torch.Tensor:
     """Mean over a ``k x k`` window (odd ``k``; stride 1, same size; borders average what is inside),
-    as two separable passes of cumulative sums (4-5 times faster than average pooling on a CPU, even
-    for 5 px windows; they agree to 1e-5).  With ``step`` > 1, only at the positions of
-    :func:`geometry.subsample` (the same values; the second pass runs on those columns only)."""
+    as two separable passes of cumulative sums, along each row and then along each column, divided
+    once by the window's count (4-5 times faster than average pooling on a CPU, even for 5 px
+    windows; they agree to 1e-5; a window of zeros has mean 0 exactly, as the sums of a 0/1 map
+    are exact).  With ``step`` > 1, only at the positions of :func:`geometry.subsample` (the same
+    values; the second pass runs on those columns only)."""
     o = step // 2
-    y = box_1d(x, k, 3)
+    h = x.shape[-2]
+    w = x.shape[-1]
+    y = sum_1d(x, k, 3)
     if step > 1:
-        y = y[:, :, :, o::step]
-    y = box_1d(y.transpose(2, 3).contiguous(), k, 3)
+        y = y[:, :, :, o::step].contiguous()
+    y = sum_1d(y, k, 2)
     if step > 1:
-        y = y[:, :, :, o::step]
-    return y.transpose(2, 3).contiguous()
-
-
-#: Positions of a level from which :func:`local_corr` accumulates channel planes (on 2 cores with 32
-#: channels and 7 x 7 shifts: 9 % faster at 192 x 192, 25 % at 256 x 256, 50 % at 512 x 512 with 16
-#: channels and 3 x 3 shifts; at 128 x 128 the per-call cost of the plane operations makes it 1.8
-#: times slower).
-PLANE_MIN = 192 * 192
+        y = y[:, :, o::step].contiguous()
+    ny = window_counts(h, k, x.device, x.dtype)[o::step]
+    nx = window_counts(w, k, x.device, x.dtype)[o::step]
+    return y.div_(ny.view(1, 1, -1, 1) * nx.view(1, 1, 1, -1))
 
 
 def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1, block_bytes: int = 1 << 21,
-               sampled: bool = False, plane_min: int = PLANE_MIN) -> torch.Tensor:
+               sampled: bool = False) -> torch.Tensor:
     """``(B, (2r+1)^2, H', W')``: ``<f1(q), f2(q + (dx, dy))>`` for ``dy, dx`` in ``[-r, r]`` (dy outer),
     at the positions ``q`` of :func:`geometry.subsample` (all of them when ``step`` is 1); with
     ``sampled``, ``f1`` holds only those positions already (``f2`` always the whole level).
 
-    On the CPU without autograd, a level of at least ``plane_min`` positions scored at every
-    position is accumulated one channel plane at a time (:func:`_plane_corr`; on a GPU its many
-    small operations would each cost a kernel launch).  Otherwise it is computed a block of output
-    rows at a time, about ``block_bytes`` of products per shift, which stays in a core's cache (a
-    whole level does not, and its products are memory-bound); each element is computed as over
-    the whole level."""
+    Computed a block of output rows at a time, so that what a block touches stays in a core's
+    cache (a whole level does not, and its products are memory-bound).  On the CPU without
+    autograd, each block of about ``block_bytes`` of output accumulates ``f1`` times all shifts of
+    ``f2`` at once, one channel at a time (:func:`_banded_corr`); otherwise (autograd, or a GPU,
+    where small operations each cost a kernel launch) the products of about ``block_bytes`` per
+    shift are summed over channels.  Each element is computed as over the whole level."""
     w = f2.shape[-1]
     track = f1.requires_grad or f2.requires_grad
-    if step == 1 and not sampled and not track and not f1.is_cuda and f1.shape[-2] * w >= plane_min:
-        return _plane_corr(f1, f2, r)
-    o = step // 2  # geometry.subsample's first position, on the channels-last layout below
+    o = step // 2  # geometry.subsample's first position
+    a = f1 if sampled else geometry.subsample(f1, step)
+    if not track and not f1.is_cuda:
+        return _banded_corr(a, f2, r, step, block_bytes)
     # channels last: the per-shift channel sums run over contiguous memory (twice as fast on a CPU)
-    a = (f1 if sampled else geometry.subsample(f1, step)).permute(0, 2, 3, 1).contiguous()
+    a = a.permute(0, 2, 3, 1).contiguous()
     f2p = F.pad(f2, [r, r, r, r]).permute(0, 2, 3, 1).contiguous()
     n = 2 * r + 1
     hs = a.shape[1]
@@ -131,20 +154,33 @@ def local_corr(f1: torch.Tensor, f2: torch.Tensor, r: int, step: int = 1, block_
     return torch.cat(blocks, 2) if track else out
 
 
-def _plane_corr(f1: torch.Tensor, f2: torch.Tensor, r: int) -> torch.Tensor:
-    """:func:`local_corr` at every position, without autograd: each shift's output plane
-    accumulates ``f1 * shifted f2`` one channel at a time (one fused multiply-add over a plane per
-    channel and shift; no product tensor, no strided reduction)."""
-    h = f1.shape[-2]
-    w = f1.shape[-1]
+def _banded_corr(a: torch.Tensor, f2: torch.Tensor, r: int, step: int, block_bytes: int) -> torch.Tensor:
+    """:func:`local_corr` without autograd, from ``a`` = ``f1`` at the scored positions: for each
+    band of output rows (about ``block_bytes``) and each channel, one fused multiply-add of the
+    channel's band (broadcast over shifts) with a strided view of the padded ``f2`` that reads all
+    ``(2r+1)^2`` shifts, i.e. element ``(dy, dx, i, j)`` at level position ``(o + i step + dy - r,
+    o + j step + dx - r)``.  The channels are summed in order, one plane per operation."""
+    b, c, hs, ws = a.shape
     n = 2 * r + 1
-    f2p = F.pad(f2, [r, r, r, r])
-    out = torch.zeros([f1.shape[0], n * n, h, w], dtype=f1.dtype, device=f1.device)
-    for dy in range(n):
-        for dx in range(n):
-            o = out[:, dy * n + dx]
-            for c in range(f1.shape[1]):
-                o.addcmul_(f1[:, c], f2p[:, c, dy:dy + h, dx:dx + w])
+    o = step // 2
+    f2p = F.pad(f2, [r, r, r, r]).contiguous()
+    wp = f2p.shape[-1]
+    sb = f2p.stride(0)
+    sc = f2p.stride(1)
+    base = f2p.storage_offset()
+    out = torch.empty([b, n * n, hs, ws], dtype=a.dtype, device=a.device)
+    rows = max(1, block_bytes // max(1, b * n * n * ws * a.element_size()))
+    for y0 in range(0, hs, rows):
+        hh = min(hs, y0 + rows) - y0
+        band = out.narrow(2, y0, hh).view(b, n, n, hh, ws)
+        for ch in range(c):
+            x = a[:, ch, y0:y0 + hh].unsqueeze(1).unsqueeze(1)
+            v = f2p.as_strided([b, n, n, hh, ws], [sb, wp, 1, wp * step, step],
+                               base + ch * sc + (o + y0 * step) * wp + o)
+            if ch == 0:
+                torch.mul(x, v, out=band)
+            else:
+                band.addcmul_(x, v)
     return out
 
 

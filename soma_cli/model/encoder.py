@@ -178,7 +178,10 @@ class GradientDescriptor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = kernel_bank(self.k3, self.k5).unsqueeze(1)
-        return F.conv2d(blur(x, self.g1), kernels, padding=2).abs() * self.gain.view(1, -1, 1, 1)
+        e = F.conv2d(blur(x, self.g1), kernels, padding=2)
+        if torch.is_grad_enabled():
+            return e.abs() * self.gain.view(1, -1, 1, 1)
+        return e.abs_().mul_(self.gain.view(1, -1, 1, 1))
 
 
 class Encoder(nn.Module):
@@ -205,14 +208,16 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, full: bool = True) -> List[torch.Tensor]:
         """``[m1, m2, m4, m8]``, or ``[m8]`` alone when not ``full``."""
-        e = self.grad(x)
+        # the oriented channels are pooled and blurred channels last (the pixel's 16 values
+        # together): 2-4 times faster there on the CPU, the same values
+        e = self.grad(x).contiguous(memory_format=torch.channels_last)
         f1 = self.fge1(self.l1(x))
         f2 = self.fge2(self.l2(f1))
         f3 = self.fge3(self.l3(f2))
-        m8 = torch.cat([cell_pool(e, 8), self.p8(f3)], 1)
+        m8 = torch.cat([cell_pool(e, 8).contiguous(), self.p8(f3)], 1)
         if not full:
             return [m8]
-        m1 = blur(e, self.g2)
-        m2 = torch.cat([cell_pool(e, 2), self.p2(f1)], 1)
-        m4 = torch.cat([cell_pool(e, 4), self.p4(f2)], 1)
+        m1 = blur(e, self.g2).contiguous()
+        m2 = torch.cat([cell_pool(e, 2).contiguous(), self.p2(f1)], 1)
+        m4 = torch.cat([cell_pool(e, 4).contiguous(), self.p4(f2)], 1)
         return [m1, m2, m4, m8]
