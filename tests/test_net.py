@@ -84,7 +84,8 @@ def test_fast_layers_compute_what_their_plain_forms_do():
     1x1 convolution, the one-channel blur by shifted sums is the depthwise convolution, the FGE and
     the gradient descriptor give the same outputs with and without autograd (in place or not, one
     grouped convolution for both kernel sizes: the FGE against its energies computed channel order
-    first), and an affine level's reused window statistics change nothing."""
+    first), an affine level's reused window statistics change nothing, and the window ZNCC's
+    in-place tail gives its plain values bit for bit."""
     torch.manual_seed(3)
     pw = encoder.Pointwise(7, 5)
     x = torch.randn(2, 7, 9, 11)
@@ -112,6 +113,12 @@ def test_fast_layers_compute_what_their_plain_forms_do():
     a, b = torch.randn(1, 8, 40, 40), torch.randn(1, 8, 40, 40)
     stats = corr_ops.window_stats(a, 9, 4)
     assert torch.equal(corr_ops.window_zncc(a, b, 2, 9, 4, stats), corr_ops.window_zncc(a, b, 2, 9, 4))
+    b[:, :, :12] = 0.0  # windows without variance (scored 0) beside the border's -1
+    with torch.inference_mode():
+        z_fast = corr_ops.window_zncc(a, b, 2, 9, 1)
+    z_plain = corr_ops.window_zncc(a, b, 2, 9, 1)
+    assert torch.equal(z_fast, z_plain)
+    assert (z_plain == 0.0).any() and (z_plain == -1.0).any() and (z_plain.abs() < 1.0).any()
     gd = encoder.GradientDescriptor(1.0)
     torch.nn.init.normal_(gd.gain, std=1.0)
     with torch.inference_mode():

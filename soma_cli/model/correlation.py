@@ -228,11 +228,16 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 
     # a window without variance has no correlation: it scores 0 (num / eps would be huge along the
     # borders, where shifted() reads zero variance); a shift whose window centre lies outside the
     # image is no candidate: -1; rounding in the box sums can push |z| past 1: clamped
+    inside = shifted(torch.ones_like(v2), r, step) > 0.5
+    if not torch.is_grad_enabled():  # the same values in place: fewer full-size temporaries
+        vv = shifted(v2, r, step).mul_(v1)
+        ok = vv > 1e-6
+        z = num.div_(vv.clamp_(min=1e-6).sqrt_()).masked_fill_(~ok, 0.0).clamp_(-1.0, 1.0)
+        return z.masked_fill_(~inside, -1.0)
     vv = v1 * shifted(v2, r, step)
     ok = vv > 1e-6
     z = num / torch.sqrt(torch.where(ok, vv, torch.ones_like(vv)))
     z = torch.where(ok, z, torch.zeros_like(z)).clamp(-1.0, 1.0)
-    inside = shifted(torch.ones_like(v2), r, step) > 0.5
     return torch.where(inside, z, -torch.ones_like(z))
 
 
