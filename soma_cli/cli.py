@@ -99,14 +99,15 @@ def register(
     qa_out: Annotated[Optional[Path], typer.Option(help="Write QA products (PNGs, per-tile table) to this folder.")] = None,
     tile_size: TileSize = None,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = DEFAULT_OVERLAP,
-    batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 4,
+    batch_size: Annotated[int, typer.Option(
+        help="Tiles per network call on a GPU (on the CPU tiles go one at a time).")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(
         help="CPU threads for the network (default: the cores other processes leave free).")] = None,
     io_threads: Annotated[Optional[int], typer.Option(
         min=0, help=("Threads that read the next tiles while the matcher works and warp the next strips while "
-                     "one is written (default: one per 4 cores, 1 to 4; reading ahead only beside a GPU matcher; "
-                     "0: none)."))] = None,
+                     "one is written (default: one per 4 cores, 1 to 4; beside the CPU network the readers run at "
+                     "the lowest priority, on Linux only; 0: none)."))] = None,
     bands: Annotated[Optional[str], typer.Option(help="Optical bands to use, 1-based, e.g. 4,3,2.")] = None,
     sar_band: Annotated[int, typer.Option(help="SAR band to use, 1-based.")] = 1,
     sar_scale: Annotated[str, typer.Option(help="SAR values: auto, db, amplitude or intensity.")] = "auto",

@@ -105,10 +105,22 @@ def warp_np(
     Points outside the image get ``cval`` (or the nearest edge value with ``edge=True``).  ``order`` is the spline order (0 nearest, 1 bilinear,
     3 cubic).
     """
+    return sample_np(image, flow_positions_np(flow), order, cval, edge)
+
+
+def flow_positions_np(flow: np.ndarray) -> np.ndarray:
+    """``(2, H, W)`` float64: where each pixel ``q`` of the flow's grid points, ``q + flow(q)``, as
+    (row, column), the order :func:`sample_np` (and scipy) take."""
     flow = np.asarray(flow)
     h, w = flow.shape[-2:]
-    grid = base_grid_np(h, w, np.float64)
-    coords = np.stack([grid[1] + flow[1], grid[0] + flow[0]])  # (row, col) for scipy
+    return np.stack([np.arange(h, dtype=np.float64)[:, None] + flow[1], np.arange(w, dtype=np.float64) + flow[0]])
+
+
+def sample_np(image: np.ndarray, positions: np.ndarray, order: int = 1, cval: float = np.nan,
+              edge: bool = False) -> np.ndarray:
+    """``image`` (``(H, W)`` or ``(C, H, W)``) sampled at ``positions`` ``(2, H', W')`` (row, column;
+    :func:`flow_positions_np`), as :func:`warp_np` describes."""
+    h, w = positions.shape[-2:]
     img = np.asarray(image)
     squeeze = img.ndim == 2
     if squeeze:
@@ -117,7 +129,7 @@ def warp_np(
     out = np.empty((img.shape[0], h, w), dtype=out_dtype)
     for i in range(img.shape[0]):
         ndimage.map_coordinates(
-            img[i].astype(np.float64, copy=False), coords, output=out[i], order=order,
+            img[i].astype(np.float64, copy=False), positions, output=out[i], order=order,
             mode="nearest" if edge else "constant", cval=cval, prefilter=order > 1,
         )
     return out[0] if squeeze else out
@@ -125,10 +137,14 @@ def warp_np(
 
 def inside_mask_np(flow: np.ndarray, src_h: int, src_w: int) -> np.ndarray:
     """Boolean ``(H, W)``: where ``q + flow(q)`` lies inside a ``src_h x src_w`` image (centres)."""
-    h, w = flow.shape[-2:]
-    grid = base_grid_np(h, w, np.float64)
-    x = grid[0] + flow[0]
-    y = grid[1] + flow[1]
+    return inside_np(flow_positions_np(flow), src_h, src_w)
+
+
+def inside_np(positions: np.ndarray, src_h: int, src_w: int) -> np.ndarray:
+    """Boolean ``(H, W)``: where the positions ``(2, H, W)`` (row, column; :func:`flow_positions_np`)
+    lie inside a ``src_h x src_w`` image (centres): where :func:`sample_np` interpolates, of order 1,
+    without reading beyond it."""
+    y, x = positions
     return (x >= 0) & (x <= src_w - 1) & (y >= 0) & (y <= src_h - 1)
 
 
@@ -228,9 +244,10 @@ def fit_affine_points_np(x, y, u, v, weight=None, iters: int = 6) -> Tuple[np.nd
     rw = np.ones_like(x)
     for _ in range(iters):
         ww = wt * rw
-        sw = np.sqrt(ww)[:, None]
-        px, *_ = np.linalg.lstsq(design * sw, u * sw[:, 0], rcond=None)
-        py, *_ = np.linalg.lstsq(design * sw, v * sw[:, 0], rcond=None)
+        # the weighted least squares by their 3 x 3 normal equations (the design is centred)
+        dw = design * ww[:, None]
+        sol = np.linalg.lstsq(design.T @ dw, np.stack([dw.T @ u, dw.T @ v], 1), rcond=None)[0]
+        px, py = sol[:, 0], sol[:, 1]
         res = np.hypot(design @ px - u, design @ py - v)
         scale = max(1.4826 * np.median(res[ww > 0]) if (ww > 0).any() else 1.0, 0.25)
         c = 4.685 * scale

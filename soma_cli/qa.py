@@ -229,6 +229,13 @@ def choose_region(tile_rows: Sequence[dict], height: int, width: int, origin=(0,
     return row, col, h, w
 
 
+def overview_grid(height: int, width: int) -> Tuple[int, Tuple[int, int]]:
+    """``(step, shape)`` of the overview of a ``height x width`` area: every ``step``-th row and
+    column, the longest side at most :data:`OVERVIEW_MAX`."""
+    step = max(1, math.ceil(max(height, width) / OVERVIEW_MAX))
+    return step, (math.ceil(height / step), math.ceil(width / step))
+
+
 class FlowOverview:
     """What the QA pictures need of the final flow, gathered from the strips as they stream past:
     the flow and certainty of the ``height x width`` area decimated to the overview (every
@@ -239,8 +246,7 @@ class FlowOverview:
     matched and scored."""
 
     def __init__(self, height: int, width: int, tile_rows: Optional[Sequence[dict]] = None, origin=(0, 0)):
-        self.step = max(1, math.ceil(max(height, width) / OVERVIEW_MAX))
-        self.shape = (math.ceil(height / self.step), math.ceil(width / self.step))
+        self.step, self.shape = overview_grid(height, width)
         self.area_shape, self.origin, self._tile_rows = (height, width), tuple(origin), tile_rows
         self.region: Optional[Tuple[int, int, int, int]] = None
         self._flow: List[np.ndarray] = []

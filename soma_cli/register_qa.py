@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 
 from . import __version__, coords, preprocess, qa, tiling
 from .io.pair import AlignedPair
 from .matchers import Matcher
+from .tiling import Tile
 
 if TYPE_CHECKING:
     from .pipeline import RegisterOptions
@@ -65,16 +66,25 @@ def qa_crop(opts: RegisterOptions, pair: AlignedPair, sar_scale: str, overview: 
             "flow": flow, "certainty": cert, "origin": (area.row + r, area.col + c)}
 
 
-def overview_products(pair: AlignedPair, sar_scale: str, overview: qa.FlowOverview,
-                       affine: Optional[np.ndarray]) -> dict:
-    """Both images and the applied field on the overview grid (:func:`soma_cli.qa.write_products`'
-    ``overview``): the verdict's edge similarity and the QA pictures come from it.  ``affine``:
-    the field is that affine (``--mode affine``), else the overview's flow."""
-    s, shape, area = overview.step, overview.shape, pair.area
+def overview_images(pair: AlignedPair, sar_scale: str, shape: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+    """Both images of the overlap window decimated to ``shape`` (the overview grid,
+    :func:`soma_cli.qa.overview_grid`) and prepared as the matcher sees them (NaN where invalid):
+    ``(reference, moving)``, for :func:`overview_products` (safe to call from another thread while
+    the field is repaired)."""
     ref, rv = pair.read_overview(True, shape)
     mov, mv = pair.read_overview(False, shape)
-    ref_g = np.where(rv, preprocess.prepare(ref, rv, pair.ref_is_optical, sar_scale), np.nan)
-    mov_g = np.where(mv, preprocess.prepare(mov, mv, not pair.ref_is_optical, sar_scale), np.nan)
+    return (np.where(rv, preprocess.prepare(ref, rv, pair.ref_is_optical, sar_scale), np.nan),
+            np.where(mv, preprocess.prepare(mov, mv, not pair.ref_is_optical, sar_scale), np.nan))
+
+
+def overview_products(images: Tuple[np.ndarray, np.ndarray], area: Tile, overview: qa.FlowOverview,
+                      affine: Optional[np.ndarray]) -> dict:
+    """Both images (:func:`overview_images`) and the applied field on the overview grid
+    (:func:`soma_cli.qa.write_products`' ``overview``) of the overlap window ``area``: the verdict's
+    edge similarity and the QA pictures come from it.  ``affine``: the field is that affine
+    (``--mode affine``), else the overview's flow."""
+    s = overview.step
+    ref_g, mov_g = images
     flow, cert = overview.arrays()
     if affine is not None:
         yy, xx = np.meshgrid(area.row + coords.stride_offsets(0, area.height, s),

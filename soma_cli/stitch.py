@@ -232,13 +232,25 @@ class FlowPrior:
         return coords.affine_flow_points_np(self.affine, x, y)
 
     def field(self, row_abs: int, col_abs: int, h: int, w: int) -> np.ndarray:
-        """The prior flow ``(2, h, w)`` for the block of absolute reference pixels at (row, col)."""
+        """The prior flow ``(2, h, w)`` for the block of absolute reference pixels at (row, col):
+        :meth:`_residual_at` plus the affine at every pixel, computed separably as the grid is
+        regular: along the coarse rows in reach with the affine's column term, then down the
+        columns (whose weights sum to 1) in float32, plus its row term."""
         rows = np.arange(row_abs, row_abs + h, dtype=np.float64)
         cols = np.arange(col_abs, col_abs + w, dtype=np.float64)
-        yy, xx = np.meshgrid(rows, cols, indexing="ij")
-        rx, ry = self._residual_at(xx, yy)
-        ax, ay = self._affine(xx, yy)
-        return np.stack([ax + rx, ay + ry]).astype(np.float32)
+        v0, v1, tv = _linear_weights((rows - self.row0 - (self.block - 1) / 2.0) / self.block, self.shape[0])
+        u0, u1, tu = _linear_weights((cols - self.col0 - (self.block - 1) / 2.0) / self.block, self.shape[1])
+        lo, hi = int(v0.min()), int(v1.max()) + 1
+        coarse = self.res[:, lo:hi]
+        # the affine flow is affine in (x, y): its value at (x, 0) plus at (0, y) less at (0, 0)
+        at_col = np.stack(self._affine(cols, np.zeros_like(cols)))
+        at_row = np.stack(self._affine(np.zeros_like(rows), rows)) - np.stack(self._affine(0.0, 0.0))[:, None]
+        across = (coarse[:, :, u0] * (1.0 - tu) + coarse[:, :, u1] * tu + at_col[:, None]).astype(np.float32)
+        out = across[:, v0 - lo]
+        out *= (1.0 - tv).astype(np.float32)[:, None]
+        out += across[:, v1 - lo] * tv.astype(np.float32)[:, None]
+        out += at_row.astype(np.float32)[:, :, None]
+        return out
 
     def repair(self, strip: Strip, row_abs: int, col_abs: int, max_dev: float = 5.0, min_cert: float = 0.1,
                trust_cert: float = 0.5) -> Strip:
@@ -262,3 +274,12 @@ class FlowPrior:
             return strip
         prior = self.field(row_abs, col_abs, strip.flow.shape[1], strip.flow.shape[2])
         return replace(strip, flow=np.where(none, prior, strip.flow).astype(np.float32))
+
+
+def _linear_weights(pos: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation at the positions ``pos`` along an axis of ``n`` samples, the nearest
+    sample beyond either end (as ``ndimage.map_coordinates(order=1, mode="nearest")``):
+    ``(i0, i1, t)``, the value being ``(1 - t) a[i0] + t a[i1]``."""
+    p = np.clip(pos, 0.0, n - 1.0)
+    i0 = np.floor(p).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n - 1), p - i0

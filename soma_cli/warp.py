@@ -35,25 +35,30 @@ class RowWarper:
     def __call__(self, flow: np.ndarray, row_abs: int) -> Tuple[np.ndarray, np.ndarray]:
         h = flow.shape[1]
         col_abs = self.col0
-        fin = np.isfinite(flow).all(0)
         out = np.full((self.bands, h, self.width), np.nan)
         valid = np.zeros((h, self.width), bool)
+        pos = coords.flow_positions_np(flow)  # (row, column) in the strip's frame; NaN: no estimate
+        fin = np.isfinite(pos).all(0)
         if not fin.any():
             return out, valid
-        rr, cc = np.nonzero(fin)
-        ys = rr + row_abs + flow[1][fin]
-        xs = cc + col_abs + flow[0][fin]
-        r0 = max(math.floor(ys.min()) - MARGIN, 0)
-        r1 = min(math.ceil(ys.max()) + MARGIN + 1, self.height)
-        c0 = max(math.floor(xs.min()) - MARGIN, 0)
-        c1 = min(math.ceil(xs.max()) + MARGIN + 1, self.width)
+        # the rows and columns sampled (fmin/fmax skip NaN)
+        r0 = max(math.floor(np.fmin.reduce(pos[0], axis=None)) + row_abs - MARGIN, 0)
+        r1 = min(math.ceil(np.fmax.reduce(pos[0], axis=None)) + row_abs + MARGIN + 1, self.height)
+        c0 = max(math.floor(np.fmin.reduce(pos[1], axis=None)) + col_abs - MARGIN, 0)
+        c1 = min(math.ceil(np.fmax.reduce(pos[1], axis=None)) + col_abs + MARGIN + 1, self.width)
         if r1 <= r0 or c1 <= c0:
             return out, valid
         src, src_valid = self.read_block(r0, r1, c0, c1)
-        fill = np.where(src_valid, src, np.nanmean(src[:, src_valid], axis=1)[:, None, None] if src_valid.any() else 0)
-        shifted = np.where(fin, flow, 0.0) + np.array([col_abs - c0, row_abs - r0], np.float64)[:, None, None]
-        warped = coords.warp_np(fill, shifted, order=self.order, cval=np.nan)
-        vmask = coords.warp_np(src_valid.astype(np.float64), shifted, order=1, cval=0.0) > 1.0 - 1e-6
+        if not fin.all():
+            pos[:, ~fin] = 0.0  # sampled anywhere, never valid
+        pos += np.array([row_abs - r0, col_abs - c0], np.float64)[:, None, None]  # into the block read
+        if src_valid.all():  # the bilinear valid map is 1 exactly where no neighbour lies outside
+            fill = src
+            vmask = coords.inside_np(pos, r1 - r0, c1 - c0)
+        else:
+            fill = np.where(src_valid, src, np.nanmean(src[:, src_valid], axis=1)[:, None, None] if src_valid.any() else 0)
+            vmask = coords.sample_np(src_valid.astype(np.float64), pos, order=1, cval=0.0) > 1.0 - 1e-6
+        warped = coords.sample_np(fill, pos, order=self.order, cval=np.nan)
         ok = fin & vmask & np.isfinite(warped).all(0)
         sl = slice(col_abs, col_abs + flow.shape[2])
         out[:, :, sl] = np.where(ok, warped, np.nan)

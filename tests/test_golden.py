@@ -25,8 +25,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SOMA_GRID = Path(__file__).resolve().parent / "data" / "golden_example_soma.npz"  # every 8th pixel from (3, 3)
 SOMA_MASK = "3fe9e9fd7ba0f22e2abba722a4f7a5aa19752f6e4ab1f159526d836f9057c935"
 PIXELS = {
-    "aligned_gradient": "dae6a1d3240425115476da1bc0e8a48262278f5d3fb0565c88adf42f88b39f13:2e29dcb2fbe5f40386469cf15b0a77d3660f82a8d38a041c821ff9fc6facbf07",
-    "disp_gradient": "07a3105cc9335f52d273ec3d35e931e4248befec8e1e69d0c1c57a2d21eab0b3"
+    "aligned_gradient": "99c3c017b0839d5c9b5d66e9d65de1fbbe60de0c2eddd91c42e2cae5485ba7a5:2e29dcb2fbe5f40386469cf15b0a77d3660f82a8d38a041c821ff9fc6facbf07",
+    "disp_gradient": "afbeff84fb54dc015aff2f8472cd50ab476c0f08a1bac3c040837a70deb971ab"
 }
 
 EVALUATE_T11SLT_1PAIR_GEO = {

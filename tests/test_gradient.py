@@ -196,6 +196,36 @@ def test_cpu_share_follows_other_processes(monkeypatch):
     assert cpu.CpuShare(3).threads() == 3
 
 
+def test_background_priority_lowers_the_calling_thread_only():
+    """A tile reader beside the CPU network runs at nice 19 where threads have priorities of their own
+    (Linux), and reads ahead there by default; the thread that called it keeps its priority."""
+    import os
+    import sys
+    import threading
+
+    from soma_cli import cpu
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    def reader():
+        cpu.background_priority()
+        seen["reader"] = nice()
+
+    before = nice()
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join()
+    assert nice() == before
+    if sys.platform.startswith("linux"):
+        assert seen["reader"] == 19
+        assert cpu.io_threads(False)[0] >= 1
+    else:
+        assert seen["reader"] == before and cpu.io_threads(False)[0] == 0
+
+
 def test_cpu_share_sees_a_busy_process():
     """A process spinning on one core counts as one busy core (give or take the sampling)."""
     import subprocess

@@ -369,6 +369,8 @@ def test_box_matches_pooling():
     for k in (9, 61):
         for step in (2, 3, 4):
             assert torch.equal(corr_ops.box(x, k, step), geometry.subsample(corr_ops.box(x, k), step)), (k, step)
+    for step in (2, 3, 4):  # wider than the image: the whole axis summed, then sampled (to rounding)
+        assert torch.allclose(corr_ops.box(x, 121, step), geometry.subsample(wide, step), atol=1e-12), step
         tracked = corr_ops.box(x.clone().requires_grad_(True), k)
         assert tracked.requires_grad and torch.equal(tracked.detach(), corr_ops.box(x, k)), k
 

@@ -12,7 +12,7 @@ from soma_cli import coords, preprocess, synth
 from soma_cli.io.pair import open_pair
 from soma_cli.io.sinks import FLOW_NODATA, FlowScratch, FlowSink, ImageSink
 from soma_cli.qa import FlowOverview
-from soma_cli.stitch import SAMPLE_STEP, FlowSamples, Strip
+from soma_cli.stitch import SAMPLE_STEP, FlowPrior, FlowSamples, Strip
 from soma_cli.warp import RowWarper
 
 T0 = from_origin(500000.0, 3800000.0, 10.0, 10.0)
@@ -106,6 +106,38 @@ def test_row_warper_reads_only_the_rows_it_needs_and_marks_invalid_sources():
     assert not valid[:, 28:34].any()  # lands on invalid source columns
     empty, none = warper(np.full((2, 3, 30), np.nan), 0)
     assert not none.any() and np.isnan(empty).all() and len(calls) == 1
+
+
+def test_row_warper_on_an_all_valid_source_samples_as_warp_np():
+    """Where the block read is valid everywhere, the warper samples as :func:`coords.warp_np` does
+    over the whole image, valid exactly where the sample lies inside it (and the flow is finite)."""
+    rng = np.random.default_rng(4)
+    src = rng.uniform(0, 255, (2, 50, 40))
+    warper = RowWarper(lambda r0, r1, c0, c1: (src[:, r0:r1, c0:c1], np.ones((r1 - r0, c1 - c0), bool)),
+                       bands=2, height=50, width=40, col0=0, order=1)
+    flow = rng.uniform(-4, 4, (2, 6, 40)).astype(np.float32)
+    flow[:, 2, 7] = np.nan
+    data, valid = warper(flow, 10)
+    shifted = flow.astype(np.float64) + np.array([0.0, 10.0])[:, None, None]  # rows 10.. of the image
+    ref = coords.warp_np(src, np.nan_to_num(shifted), order=1, cval=np.nan)
+    inside = coords.inside_mask_np(np.nan_to_num(shifted), 50, 40) & np.isfinite(flow).all(0)
+    assert np.array_equal(valid, inside) and 0 < valid.sum() < valid.size
+    assert np.array_equal(data[:, valid], ref[:, valid]) and np.isnan(data[:, ~valid]).all()
+
+
+def test_repair_prior_field_equals_the_pointwise_prior():
+    """FlowPrior.field (separable over a block's rows and columns) equals the affine plus the residual
+    interpolated at each pixel, within float32 rounding, across the grid's edges."""
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(5, 205, 400), rng.uniform(3, 123, 400)
+    prior = FlowPrior(x, y, rng.normal(0, 1, 400), rng.normal(0, 1, 400), rng.uniform(0.1, 1, 400),
+                      np.array([[1.002, 0.001, 3.0], [-0.002, 0.999, -1.5]]), 120, 200, 3, 5, sigma_px=32.0)
+    for row, col, h, w in ((3, 5, 120, 200), (50, 60, 7, 31), (0, 0, 3, 4)):
+        yy, xx = np.meshgrid(np.arange(row, row + h, dtype=np.float64), np.arange(col, col + w, dtype=np.float64),
+                             indexing="ij")
+        rx, ry = prior._residual_at(xx, yy)
+        ax, ay = prior._affine(xx, yy)
+        np.testing.assert_allclose(prior.field(row, col, h, w), np.stack([ax + rx, ay + ry]), atol=1e-5)
 
 
 def test_sinks_fill_unwritten_rows_and_leave_nothing_on_failure(tmp_path):

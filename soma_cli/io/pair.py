@@ -19,7 +19,7 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import rasterio
@@ -188,6 +188,7 @@ class AlignedPair:
     same_crs: bool
     _stack: ExitStack
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _previews: Dict[Tuple[bool, int], Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def height(self) -> int:
@@ -260,10 +261,14 @@ class AlignedPair:
 
     def read_preview(self, reference: bool, max_side: int = 512):
         """:meth:`read_overview` at an integer decimation that brings the longest side to at most
-        ``max_side`` pixels (for scene-wide checks)."""
-        w = self.window
-        f = max(1, int(math.ceil(max(w.height, w.width) / max_side)))
-        return self.read_overview(reference, (max(1, int(w.height) // f), max(1, int(w.width) // f)))
+        ``max_side`` pixels (for scene-wide checks; read once, the arrays are shared: do not modify
+        them)."""
+        key = (reference, max_side)
+        if key not in self._previews:
+            w = self.window
+            f = max(1, int(math.ceil(max(w.height, w.width) / max_side)))
+            self._previews[key] = self.read_overview(reference, (max(1, int(w.height) // f), max(1, int(w.width) // f)))
+        return self._previews[key]
 
     def read_moving_block(self, r0: int, r1: int, c0: int, c1: int) -> Tuple[np.ndarray, np.ndarray]:
         """Every band of the aligned moving image in rows ``[r0, r1)``, columns ``[c0, c1)`` of the
