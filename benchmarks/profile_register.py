@@ -6,7 +6,8 @@ Runs the library's register() once under cProfile (the CLI runs it in a worker t
 cProfile does not follow) and prints the cumulative seconds of each stage's entry point. Stages
 nest only where stated, so the rows add up to about the total.  Reading and warping run in the
 calling thread here (``--io-threads 0``: cProfile sees one thread only), so the rows are the work
-of each stage, not its share of a run that overlaps them.  On CUDA the peak device memory that
+of each stage, not its share of a run that overlaps them; the QA overview's images are read in a
+thread of their own during the repair, which cProfile does not see.  On CUDA the peak device memory that
 torch allocated is printed too.
 """
 
