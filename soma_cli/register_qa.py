@@ -15,7 +15,6 @@ import numpy as np
 from . import __version__, coords, preprocess, qa, tiling
 from .io.pair import AlignedPair
 from .matchers import Matcher
-from .tiling import Tile
 
 if TYPE_CHECKING:
     from .pipeline import RegisterOptions
@@ -58,8 +57,7 @@ def qa_crop(opts: RegisterOptions, pair: AlignedPair, sar_scale: str, overview: 
     ref, rv = pair.read_tile(tiling.Tile(r, c, h, w), True)
     mov, mv = pair.read_tile(tiling.Tile(r0, c0, min(area.height, r + h + m) - r0, min(area.width, c + w + m) - c0),
                              False)
-    ref = np.where(rv, preprocess.prepare(ref, rv, pair.ref_is_optical, sar_scale), np.nan)
-    mov = np.where(mv, preprocess.prepare(mov, mv, not pair.ref_is_optical, sar_scale), np.nan)
+    ref, mov = _prepared(pair, sar_scale, ref, rv, True), _prepared(pair, sar_scale, mov, mv, False)
     shift = np.array([c - c0, r - r0], np.float32)[:, None, None]
     return {"ref": ref, "mov_before": mov[r - r0:r - r0 + h, c - c0:c - c0 + w],
             "mov_after": coords.warp_np(mov, np.nan_to_num(flow) + shift, order=1, cval=np.nan),
@@ -73,11 +71,16 @@ def overview_images(pair: AlignedPair, sar_scale: str, shape: Tuple[int, int]) -
     the field is repaired)."""
     ref, rv = pair.read_overview(True, shape)
     mov, mv = pair.read_overview(False, shape)
-    return (np.where(rv, preprocess.prepare(ref, rv, pair.ref_is_optical, sar_scale), np.nan),
-            np.where(mv, preprocess.prepare(mov, mv, not pair.ref_is_optical, sar_scale), np.nan))
+    return _prepared(pair, sar_scale, ref, rv, True), _prepared(pair, sar_scale, mov, mv, False)
 
 
-def overview_products(images: Tuple[np.ndarray, np.ndarray], area: Tile, overview: qa.FlowOverview,
+def _prepared(pair: AlignedPair, sar_scale: str, data: np.ndarray, valid: np.ndarray, reference: bool) -> np.ndarray:
+    """A read of the reference (``reference``) or moving image prepared as the matcher sees it, NaN
+    where invalid."""
+    return np.where(valid, preprocess.prepare(data, valid, reference == pair.ref_is_optical, sar_scale), np.nan)
+
+
+def overview_products(images: Tuple[np.ndarray, np.ndarray], area: tiling.Tile, overview: qa.FlowOverview,
                       affine: Optional[np.ndarray]) -> dict:
     """Both images (:func:`overview_images`) and the applied field on the overview grid
     (:func:`soma_cli.qa.write_products`' ``overview``) of the overlap window ``area``: the verdict's
