@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+import rasterio.enums
+import rasterio.vrt
 from rasterio.transform import from_origin
 
 from soma_cli import coords, preprocess, synth
@@ -138,6 +140,31 @@ def test_repair_prior_field_equals_the_pointwise_prior():
         rx, ry = prior._residual_at(xx, yy)
         ax, ay = prior._affine(xx, yy)
         np.testing.assert_allclose(prior.field(row, col, h, w), np.stack([ax + rx, ay + ry]), atol=1e-5)
+
+
+@pytest.mark.parametrize("nodata", [None, 0])
+def test_a_moving_raster_on_the_reference_grid_reads_as_through_the_warper(tmp_path, nodata):
+    """On the reference grid already, the moving raster is read as it is: the same values and
+    mask as through the warper, with a nodata value and without one."""
+    rng = np.random.default_rng(1)
+    opt = _write(tmp_path / "opt.tif", (rng.random((3, 60, 50)) * 200 + 20).astype(np.uint8))
+    data = (rng.random((1, 60, 50)) * 200 + 1).astype(np.uint8)
+    data[0, :7, :9] = 0
+    sar = _write(tmp_path / "sar.tif", data, nodata=nodata)
+    with open_pair(sar, opt) as pair:
+        assert pair.same_grid and pair.mov is pair.mov_src
+        with rasterio.vrt.WarpedVRT(pair.mov_src, crs=pair.ref.crs, transform=pair.ref.transform,
+                                    width=pair.ref.width, height=pair.ref.height,
+                                    resampling=rasterio.enums.Resampling.bilinear,
+                                    **({"add_alpha": True} if nodata is None else {"src_nodata": 0, "nodata": 0})) as vrt:
+            want, want_mask = vrt.read(1), vrt.read_masks(1) > 0
+        got, valid = pair.read(pair.window, reference=False)
+        block, block_valid = pair.read_moving_block(5, 40, 3, 50)
+    np.testing.assert_array_equal(valid, want_mask)
+    np.testing.assert_array_equal(got[0][valid], want[valid].astype(np.float32))
+    np.testing.assert_array_equal(block_valid, want_mask[5:40, 3:50])
+    np.testing.assert_array_equal(block[0][block_valid], want[5:40, 3:50][block_valid])
+    assert valid[:7, :9].any() == (nodata is None)
 
 
 def test_sinks_fill_unwritten_rows_and_leave_nothing_on_failure(tmp_path):
