@@ -59,12 +59,13 @@ def _batches(arrays: Tuple[np.ndarray, ...], batch_size: int, device: torch.devi
     step = max(int(batch_size), 1) if device.type == "cuda" else 1
     for i in range(0, len(opt), step):
         sl = slice(i, i + step)
-        to = torch.from_numpy(np.nan_to_num(opt[sl])).unsqueeze(1).to(device)
-        ts = torch.from_numpy(np.nan_to_num(sar[sl])).unsqueeze(1).to(device)
+        # zero where invalid (every non-finite pixel is invalid: _inputs)
+        to = torch.from_numpy(np.where(vo[sl], opt[sl], np.float32(0))).unsqueeze(1).to(device)
+        ts = torch.from_numpy(np.where(vs[sl], sar[sl], np.float32(0))).unsqueeze(1).to(device)
         tvo = torch.from_numpy(vo[sl].astype(np.float32)).unsqueeze(1).to(device)
         tvs = torch.from_numpy(vs[sl].astype(np.float32)).unsqueeze(1).to(device)
         to, ts, tvo, tvs = (_pad_to(t, multiple) for t in (to, ts, tvo, tvs))
-        yield sl, [to * tvo, ts * tvs, tvo, tvs]
+        yield sl, [to, ts, tvo, tvs]
 
 
 @contextmanager

@@ -16,10 +16,11 @@ import math
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import rasterio
@@ -174,8 +175,9 @@ def georef_bounds(ds: rasterio.DatasetReader):
 class AlignedPair:
     """The reference raster, the moving raster warped onto its grid, and the overlap window.
 
-    Its readers may be called from several threads: one lock serialises the dataset reads (a
-    GDAL dataset handle is not thread-safe); the conversions after them run in parallel."""
+    Its readers may be called from several threads: a lock per raster serialises that raster's
+    reads (a GDAL dataset handle is not thread-safe), so the reference and the moving raster are
+    read in parallel, and the conversions after the reads run in parallel."""
 
     ref: rasterio.DatasetReader
     mov_src: rasterio.DatasetReader
@@ -188,7 +190,8 @@ class AlignedPair:
     same_grid: bool  # moving already on the reference grid (no resampling)
     same_crs: bool
     _stack: ExitStack
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # reference (True) and moving (False) raster
+    _locks: Dict[bool, threading.Lock] = field(default_factory=lambda: {True: threading.Lock(), False: threading.Lock()})
     _previews: Dict[Tuple[bool, int], Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
@@ -241,7 +244,7 @@ class AlignedPair:
             kw = {"out_shape": (len(bands),) + tuple(out_shape), "resampling": Resampling.nearest}
         mkw = {"out_shape": tuple(out_shape), "resampling": Resampling.nearest} if out_shape else {}
         try:
-            with self._lock:
+            with self._locks[reference]:
                 data = ds.read(bands, window=window, boundless=False, **kw)
                 mask = ds.read_masks(bands[0], window=window, **mkw) > 0  # nodata, alpha or outside source
         except RasterioError as exc:
@@ -276,7 +279,7 @@ class AlignedPair:
         reference grid, for warping: ``(data (C, h, w) float64, valid (h, w) bool)``."""
         window = Window(c0, r0, c1 - c0, r1 - r0)
         try:
-            with self._lock:
+            with self._locks[False]:
                 data = self.mov.read(list(range(1, self.moving_count + 1)), window=window)
                 mask = self.mov.read_masks(1, window=window) > 0
         except RasterioError as exc:
@@ -304,8 +307,7 @@ def open_pair(
     try:
         sar = stack.enter_context(open_raster(sar_path, "SAR", allow_gcps=reference == "opt", allow_plain=True))
         opt = stack.enter_context(open_raster(opt_path, "optical", allow_gcps=reference == "sar", allow_plain=True))
-        check_readable(sar, "SAR")
-        check_readable(opt, "optical")
+        _both(lambda: check_readable(sar, "SAR"), lambda: check_readable(opt, "optical"))
         if not 1 <= sar_band <= sar.count:
             raise BandError(f"SAR band {sar_band} out of range: the SAR raster has {sar.count} band(s)")
         if sar.count >= 3:
@@ -384,10 +386,17 @@ def overlap_window(ref: rasterio.DatasetReader, mov: rasterio.DatasetReader) -> 
     return Window(col0, row0, col1 - col0, row1 - row0)
 
 
+def _both(first: Callable[[], Any], second: Callable[[], Any]) -> Tuple[Any, Any]:
+    """``(first(), second())``, computed in two threads (reads of two rasters: GDAL decodes them in
+    parallel); the first's error is raised first."""
+    with ThreadPoolExecutor(2, thread_name_prefix="soma-io") as pool:
+        a, b = pool.submit(first), pool.submit(second)
+        return a.result(), b.result()
+
+
 def check_overlap_has_data(pair: AlignedPair, max_side: int = 512) -> None:
     """Fail early when the overlap holds no valid pixel in either raster."""
-    _, rv = pair.read_preview(True, max_side)
-    _, mv = pair.read_preview(False, max_side)
+    (_, rv), (_, mv) = _both(lambda: pair.read_preview(True, max_side), lambda: pair.read_preview(False, max_side))
     if not rv.any():
         raise InputError("the reference raster is all nodata inside the overlap")
     if not mv.any():

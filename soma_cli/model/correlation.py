@@ -265,11 +265,14 @@ def window_zncc(f1: torch.Tensor, f2: torch.Tensor, r: int, k: int, step: int = 
 
 def l2n(x: torch.Tensor) -> torch.Tensor:
     """Centre each channel over the tile (removes the response common to every position, which
-    otherwise makes all cosine similarities alike), then L2-normalise per position."""
-    x = x - x.mean((2, 3), keepdim=True)
+    otherwise makes all cosine similarities alike), then L2-normalise per position.  Without
+    autograd ``x`` itself is centred and normalised (the encoders' outputs, which nothing else
+    reads), with one full-size temporary fewer."""
+    grad = torch.is_grad_enabled()
+    x = x - x.mean((2, 3), keepdim=True) if grad else x.sub_(x.mean((2, 3), keepdim=True))
     # as F.normalize(x, dim=1, eps=1e-6), whose strided channel norm is 3x slower on the CPU
     norm = (x * x).sum(1, keepdim=True).sqrt().clamp(min=1e-6)
-    return x.div_(norm) if not torch.is_grad_enabled() else x / norm
+    return x / norm if grad else x.div_(norm)
 
 
 def peak_subpixel(corr: torch.Tensor, r: int, cone: bool) -> Tuple[torch.Tensor, torch.Tensor]:
