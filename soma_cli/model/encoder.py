@@ -204,6 +204,8 @@ class Encoder(nn.Module):
         super().__init__()
         ch = config.channels
         self.grad = GradientDescriptor(config.gradient_sigma)
+        #: the oriented channels, the first of every level's descriptor
+        self.oriented = 2 * len(ANGLES_DEG)
         sigma = config.full_res_sigma
         self.register_buffer("g2", gaussian_1d(sigma, int(round(2 * sigma))))
         self.l1 = nn.Sequential(conv(1, ch[0], 2), conv(ch[0], ch[0]))
@@ -220,16 +222,19 @@ class Encoder(nn.Module):
             nn.init.zeros_(p.bias)
 
     def forward(self, x: torch.Tensor, full: bool = True) -> List[torch.Tensor]:
-        """``[m1, m2, m4, m8]``, or ``[m8]`` alone when not ``full``."""
+        """``[m1, m2, m4, m8]``, or when not ``full`` ``[o8]``: the oriented channels of ``m8``
+        alone (its first :attr:`oriented` channels, without the CNN trunk: what the global stage
+        matches)."""
         # the oriented channels are pooled and blurred channels last (the pixel's 16 values
         # together): 2-4 times faster there on the CPU, the same values
         e = self.grad(x).contiguous(memory_format=torch.channels_last)
+        o8 = nchw(cell_pool(e, 8))
+        if not full:
+            return [o8]
         f1 = self.fge1(self.l1(x))
         f2 = self.fge2(self.l2(f1))
         f3 = self.fge3(self.l3(f2))
-        m8 = torch.cat([nchw(cell_pool(e, 8)), self.p8(f3)], 1)
-        if not full:
-            return [m8]
+        m8 = torch.cat([o8, self.p8(f3)], 1)
         m1 = nchw(blur(e, self.g2))
         m2 = torch.cat([nchw(cell_pool(e, 2)), self.p2(f1)], 1)
         m4 = torch.cat([nchw(cell_pool(e, 4)), self.p4(f2)], 1)

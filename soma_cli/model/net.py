@@ -17,7 +17,8 @@ Structure:
 
 * **encoder** per modality (separate weights, :mod:`.encoder`): matching descriptors at strides 1,
   2, 4 and 8, centred per channel and L2-normalised per position (:func:`l2n`).
-* **GLAM** (:mod:`.stages`): (1) a global affine at stride 8 (:class:`GlobalSearch`); the SAR
+* **GLAM** (:mod:`.stages`): (1) a global affine at stride 8 (:class:`GlobalSearch`) on the
+  oriented-gradient channels of both descriptors (the SAR's need no CNN trunk); the SAR
   *image* is then resampled by it and encoded again, so that its oriented channels are in the
   optical frame (warping the descriptors of a rotated image would leave them in the SAR frame);
   (2) affine refinement at strides 8, 4 and 2 (:class:`AffineLevel`); (3) dense flow at strides 4,
@@ -111,9 +112,13 @@ class SomaNet(nn.Module):
             vs = torch.ones_like(sar)
         else:
             vs = sar_valid.to(sar.dtype)
-        mo = [l2n(f) for f in self.enc_opt(opt * vo)]
-        # first SAR pass, in the SAR frame: only the global stage (1/8) and, in training, the losses'
-        # descriptors (1/4, 1/2) use it; the later stages match the re-encoded SAR below
+        fo = self.enc_opt(opt * vo)
+        n = self.enc_opt.oriented
+        go = l2n(fo[3][:, :n].clone())  # the global stage's optical descriptors (l2n works in place)
+        mo = [l2n(f) for f in fo]
+        # first SAR pass, in the SAR frame: only the global stage (its oriented channels at 1/8) and,
+        # in training, the losses' descriptors (1/4, 1/2) use it; the later stages match the
+        # re-encoded SAR below
         fs = self.enc_sar(sar * vs, self.training)
         out: Dict[str, torch.Tensor] = {}
         if self.training:
@@ -124,7 +129,7 @@ class SomaNet(nn.Module):
 
         ls = self.log_scale
         # (1) global affine at stride 8
-        a8, scores = self.global_stage(mo[3], l2n(fs[-1]), vo, vs, rotation)
+        a8, scores = self.global_stage(go, l2n(fs[-1][:, :n].clone()), vo, vs, rotation)
         a_g = geometry.scale_affine(a8, 1.0 / 8.0)
         out["global_scores"] = scores
         out["affine_global"] = a_g
@@ -157,7 +162,7 @@ class SomaNet(nn.Module):
 
     def global_stage(self, mo8: torch.Tensor, ms8: torch.Tensor, vo: torch.Tensor, vs: torch.Tensor,
                      rotation: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:class:`GlobalSearch` on the normalised stride-8 descriptors, with the cells whose pixels
+        """:class:`GlobalSearch` on the normalised stride-8 (oriented) descriptors, with the cells whose pixels
         are all valid (``vo``/``vs`` at full resolution): (affine in level pixels, scores)."""
         vo8 = (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)
         vs8 = (F.avg_pool2d(vs, 8) > 0.99).to(vs.dtype)
