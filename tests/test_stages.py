@@ -156,7 +156,8 @@ def test_a_moving_raster_on_the_reference_grid_reads_as_through_the_warper(tmp_p
         with rasterio.vrt.WarpedVRT(pair.mov_src, crs=pair.ref.crs, transform=pair.ref.transform,
                                     width=pair.ref.width, height=pair.ref.height,
                                     resampling=rasterio.enums.Resampling.bilinear,
-                                    **({"add_alpha": True} if nodata is None else {"src_nodata": 0, "nodata": 0})) as vrt:
+                                    **({"add_alpha": True} if nodata is None
+                                       else {"src_nodata": 0, "nodata": 0})) as vrt:
             want, want_mask = vrt.read(1), vrt.read_masks(1) > 0
         got, valid = pair.read(pair.window, reference=False)
         block, block_valid = pair.read_moving_block(5, 40, 3, 50)

@@ -190,8 +190,9 @@ class AlignedPair:
     same_grid: bool  # moving already on the reference grid (no resampling)
     same_crs: bool
     _stack: ExitStack
-    # reference (True) and moving (False) raster
-    _locks: Dict[bool, threading.Lock] = field(default_factory=lambda: {True: threading.Lock(), False: threading.Lock()})
+    # the reference's (True) and the moving raster's (False)
+    _locks: Dict[bool, threading.Lock] = field(
+        default_factory=lambda: {True: threading.Lock(), False: threading.Lock()})
     _previews: Dict[Tuple[bool, int], Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property

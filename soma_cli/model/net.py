@@ -162,8 +162,9 @@ class SomaNet(nn.Module):
 
     def global_stage(self, mo8: torch.Tensor, ms8: torch.Tensor, vo: torch.Tensor, vs: torch.Tensor,
                      rotation: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:class:`GlobalSearch` on the normalised stride-8 (oriented) descriptors, with the cells whose pixels
-        are all valid (``vo``/``vs`` at full resolution): (affine in level pixels, scores)."""
+        """:class:`GlobalSearch` on the normalised stride-8 (oriented) descriptors, with the cells
+        whose pixels are all valid (``vo``/``vs`` at full resolution): (affine in level pixels,
+        scores)."""
         vo8 = (F.avg_pool2d(vo, 8) > 0.99).to(vo.dtype)
         vs8 = (F.avg_pool2d(vs, 8) > 0.99).to(vs.dtype)
         ls = self.log_scale
