@@ -221,10 +221,15 @@ class FlowPrior:
             out.append(np.where(ok, num / np.where(ok, den, 1.0), 0.0))
         return np.stack(out)
 
+    def _coarse(self, pos: np.ndarray, origin: int) -> np.ndarray:
+        """Absolute pixel positions along one axis (``origin``: the area's first pixel on it) as
+        positions on the coarse grid: block b covers pixels [b*B, (b+1)*B) and is centred at
+        b*B + (B-1)/2 (coords' level convention)."""
+        return (pos - origin - (self.block - 1) / 2.0) / self.block
+
     def _residual_at(self, xx: np.ndarray, yy: np.ndarray):
-        # block b covers pixels [b*B, (b+1)*B) and is centred at b*B + (B-1)/2 (coords' level convention)
-        u = (xx - self.col0 - (self.block - 1) / 2.0) / self.block
-        v = (yy - self.row0 - (self.block - 1) / 2.0) / self.block
+        u = self._coarse(xx, self.col0)
+        v = self._coarse(yy, self.row0)
         return (ndimage.map_coordinates(self.res[0], [v, u], order=1, mode="nearest"),
                 ndimage.map_coordinates(self.res[1], [v, u], order=1, mode="nearest"))
 
@@ -238,8 +243,8 @@ class FlowPrior:
         columns (whose weights sum to 1) in float32, plus its row term."""
         rows = np.arange(row_abs, row_abs + h, dtype=np.float64)
         cols = np.arange(col_abs, col_abs + w, dtype=np.float64)
-        v0, v1, tv = _linear_weights((rows - self.row0 - (self.block - 1) / 2.0) / self.block, self.shape[0])
-        u0, u1, tu = _linear_weights((cols - self.col0 - (self.block - 1) / 2.0) / self.block, self.shape[1])
+        v0, v1, tv = _linear_weights(self._coarse(rows, self.row0), self.shape[0])
+        u0, u1, tu = _linear_weights(self._coarse(cols, self.col0), self.shape[1])
         lo, hi = int(v0.min()), int(v1.max()) + 1
         coarse = self.res[:, lo:hi]
         # the affine flow is affine in (x, y): its value at (x, 0) plus at (0, y) less at (0, 0)
