@@ -5,8 +5,9 @@
 Runs the library's register() once under cProfile (the CLI runs it in a worker thread, which
 cProfile does not follow) and prints the cumulative seconds of each stage's entry point. Stages
 nest only where stated, so the rows add up to about the total.  Reading and warping run in the
-calling thread here (``--io-threads 0``: cProfile sees one thread only), so the rows are the work
-of each stage, not its share of a run that overlaps them; the QA overview's images are read in a
+calling thread here (``--io-threads 0``: cProfile sees one thread only), and the network takes
+one tile at a time on all its threads, not two tiles at once as ``soma register`` does on the
+CPU, so the rows are the work of each stage, not its share of a run that overlaps them; the QA overview's images are read in a
 thread of their own during the repair, which cProfile does not see.  On CUDA the peak device memory that
 torch allocated is printed too.
 """
@@ -20,7 +21,24 @@ import tempfile
 import time
 from pathlib import Path
 
+from soma_cli.matchers import get_matcher
 from soma_cli.pipeline import RegisterOptions, register
+
+
+class OneAtATime:
+    """The matcher, called from one thread one tile at a time (cProfile sees that thread only)."""
+
+    def __init__(self, matcher):
+        object.__setattr__(self, "matcher", matcher)
+
+    def __getattr__(self, name):
+        return getattr(self.matcher, name)
+
+    def __setattr__(self, name, value):  # the scene's rotation, set for the run, reaches the matcher
+        setattr(self.matcher, name, value)
+
+    def concurrency(self) -> int:
+        return 1
 
 #: stage -> (module file suffix, function name) of its entry points
 STAGES = {
@@ -53,7 +71,8 @@ def main() -> None:
                                qa_out=t / "qa" if a.qa else None)
         prof = cProfile.Profile()
         t0 = time.perf_counter()
-        prof.runcall(register, opts)
+        matcher = OneAtATime(get_matcher(a.method, device=a.device, threads=a.threads))
+        prof.runcall(register, opts, None, matcher)
         total = time.perf_counter() - t0
     stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
     print(f"{'stage':58s} {'s':>8s} {'share':>6s}")

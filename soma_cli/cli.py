@@ -100,14 +100,16 @@ def register(
     tile_size: TileSize = None,
     overlap: Annotated[int, typer.Option(help="Tile overlap in pixels.")] = DEFAULT_OVERLAP,
     batch_size: Annotated[int, typer.Option(
-        help="Tiles per network call on a GPU (on the CPU tiles go one at a time).")] = 4,
+        help="Tiles per network call on a GPU (on the CPU one tile a call, two calls at once with 2+ threads).")] = 4,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     threads: Annotated[Optional[int], typer.Option(
-        help="CPU threads for the network (default: the cores other processes leave free).")] = None,
+        help=("CPU threads for the network (default: the cores other processes leave free); with two or "
+              "more, register matches two tiles at once, each on half of them."))] = None,
     io_threads: Annotated[Optional[int], typer.Option(
         min=0, help=("Threads that read the next tiles while the matcher works and warp the next strips while "
-                     "one is written (default: one per 4 cores, 1 to 4; beside the CPU network the readers run at "
-                     "the lowest priority, on Linux only; 0: none)."))] = None,
+                     "one is written (default: one per 4 cores, 1 to 4; beside the CPU network, which reads its "
+                     "tiles in its own threads when it matches two at once, the readers run at the lowest "
+                     "priority, on Linux only; 0: none)."))] = None,
     bands: Annotated[Optional[str], typer.Option(help="Optical bands to use, 1-based, e.g. 4,3,2.")] = None,
     sar_band: Annotated[int, typer.Option(help="SAR band to use, 1-based.")] = 1,
     sar_scale: Annotated[str, typer.Option(help="SAR values: auto, db, amplitude or intensity.")] = "auto",

@@ -13,6 +13,9 @@ T = TypeVar("T")
 
 #: the name of the thread :func:`run_interruptibly` runs library calls in
 WORKER = "soma-work"
+#: the name prefix of the library's own threads (reading, matching, warping beside the calling
+#: thread); an interrupted call does not wait for them either
+HELPER_THREADS = "soma-io"
 #: how long an interrupted library call gets to stop at its next progress report
 GRACE_S = 1.0
 
@@ -60,6 +63,7 @@ def run_interruptibly(call: Callable[[Callable], T], progress: Callable, outputs
 
 
 def worker_running() -> bool:
-    """Whether a call :func:`run_interruptibly` abandoned is still running (the interpreter's
-    shutdown would wait for it or tear it down mid-call)."""
-    return any(t.name == WORKER for t in threading.enumerate())
+    """Whether a call :func:`run_interruptibly` abandoned, or a thread of the library's that an
+    interrupted call left, is still running (the interpreter's shutdown would wait for it or tear
+    it down mid-call)."""
+    return any(t.name == WORKER or t.name.startswith(HELPER_THREADS) for t in threading.enumerate())

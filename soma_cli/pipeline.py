@@ -32,12 +32,13 @@ import numpy as np
 
 from . import check, coords, cpu, preprocess, qa, register_qa, scene_rotation, tiling
 from .errors import ConfigError, GeoreferenceError, InputError, OutputError, RegistrationFailed
+from .interrupt import HELPER_THREADS
 from .io.pair import AlignedPair, gdal_env, open_pair
 from .io.sinks import FlowScratch, FlowSink, ImageSink, strip_rows, write_relocated, write_with_gcps
 from .io.tiepoints import write_tiepoints
 from .io.write import check_output
 from .matchers import (Matcher, evidence_certainty, get_matcher, min_size, rotation_searcher,
-                       searching_rotation, trust_certainty)
+                       searching_rotation, sharing_cores, trust_certainty)
 from .stitch import FlowPrior, FlowSamples, Strip, StripStitcher
 from .tiepoints import TiePoints, TiePointSampler
 from .verdict import TileEvidence, coverage, judge
@@ -234,16 +235,26 @@ class _TileMatcher:
             mvs.append(mv)
         return tuple(np.stack(a) for a in (refs, movs, rvs, mvs))
 
-    def __call__(self, batch: List[tiling.Tile], tiles: Tuple[np.ndarray, ...]):
-        """Match ``batch``, whose :meth:`read` is ``tiles``: flow, certainty, reference valid mask and
-        estimated error (None without the check)."""
-        ref, mov, rv, mv = tiles
+    def matched(self, batch: List[tiling.Tile], tiles: Optional[Tuple[np.ndarray, ...]] = None
+                ) -> Tuple[Tuple[np.ndarray, ...], Tuple]:
+        """Match ``batch``, whose :meth:`read` is ``tiles`` (read here when None): ``(tiles, (flow,
+        certainty, estimated error))`` on the reference grid, for :meth:`record` (safe to call from
+        several threads)."""
+        tiles = self.read(batch) if tiles is None else tiles
         flow, cert, err = self._match(*self.optical_first(tiles))
         if not self.pair.ref_is_optical:  # matchers work on the optical grid: carry the match onto the SAR grid
             maps = [coords.invert_match_np(f, c, *([] if err is None else [err[i]]))
                     for i, (f, c) in enumerate(zip(flow, cert))]
             flow, cert = np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps])
             err = None if err is None else np.stack([m[2] for m in maps])
+        return tiles, (flow, cert, err)
+
+    def record(self, batch: List[tiling.Tile], tiles: Tuple[np.ndarray, ...], match: Tuple):
+        """Record the :meth:`matched` ``match`` of ``batch`` (in layout order): flow, certainty
+        (without the tiles that lack evidence), reference valid mask and estimated error (None
+        without the check)."""
+        ref, mov, rv, mv = tiles
+        flow, cert, err = match
         flow = np.asarray(flow, np.float32)
         cert = np.clip(np.asarray(cert, np.float32), 0.0, 1.0) * rv
         cert = np.stack([self.evidence.record(t, c, r & m) for t, c, r, m in zip(batch, cert, rv, mv)])
@@ -288,8 +299,9 @@ def _ahead(items: Iterable[T], load: Callable[[T], R], threads: int,
             yield item, load(item)
         return
     depth = max(depth, threads)
-    with ThreadPoolExecutor(threads, thread_name_prefix="soma-io", initializer=initializer) as pool:
-        pending: Deque = deque()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix=HELPER_THREADS, initializer=initializer)
+    pending: Deque = deque()
+    try:
         for item in items:
             pending.append((item, pool.submit(load, item)))
             if len(pending) > depth:
@@ -298,32 +310,42 @@ def _ahead(items: Iterable[T], load: Callable[[T], R], threads: int,
         while pending:
             first, fut = pending.popleft()
             yield first, fut.result()
+    finally:
+        # stopped early (an error, an interrupt), what has not started is not loaded, and what is
+        # loading is not waited for (a tile in the network takes seconds; see soma_cli.interrupt)
+        pool.shutdown(wait=not pending, cancel_futures=True)
 
 
 def _stitched_strips(tiles: List[tiling.Tile], match: _TileMatcher, area: tiling.Tile, overlap: int,
                      batch_size: int, io_threads: int, progress: Optional[Progress],
                      on_gpu: bool) -> Iterator[Strip]:
-    """Match the tiles row by row in batches, reading the next batches meanwhile in ``io_threads``
-    threads; yield the finished strips of the window, in order.  Beside a CPU matcher, which
-    takes tiles one at a time anyway (:func:`soma_cli.infer.run_model`), a batch is one tile and
-    the readers run at the lowest priority (:func:`soma_cli.cpu.background_priority`), :data:`CPU_READ_AHEAD`
-    tiles ahead."""
+    """Match the tiles row by row in batches and yield the finished strips of the window, in
+    order.  On a GPU the next batches are read meanwhile in ``io_threads`` threads.  A CPU
+    matcher takes one tile at a time, and as many tiles as it can match at once
+    (:func:`~soma_cli.matchers.sharing_cores`: two tiles of one thread each on two cores, with
+    no OpenMP team waiting at every operation) are read and matched together in as many threads,
+    while this thread stitches the previous one."""
     stitcher = StripStitcher(area.height, area.width, overlap, errors=match.check, strip_rows=strip_rows(area.width))
     batch_size = batch_size if on_gpu else 1
     rows = list(tiling.rows_of(tiles))
     batches = [(i, trow[j:j + batch_size]) for i, trow in enumerate(rows) for j in range(0, len(trow), batch_size)]
     done, total = 0, len(tiles)
-    reader = _ahead(batches, lambda b: match.read(b[1]), io_threads, None if on_gpu else cpu.background_priority,
-                    0 if on_gpu else CPU_READ_AHEAD)
-    for n, ((i, batch), inputs) in enumerate(reader):
-        flow, cert, rv, err = match(batch, inputs)
-        for k, t in enumerate(batch):
-            stitcher.add(t, flow[k], cert[k], rv[k], None if err is None else err[k])
-        done += len(batch)
-        if progress:
-            progress(done, total)
-        if n + 1 == len(batches) or batches[n + 1][0] != i:  # the last batch of tile row i
-            yield from stitcher.flush(rows[i + 1][0].row if i + 1 < len(rows) else area.height)
+    with sharing_cores(match.matcher) as lanes:
+        if lanes > 1:
+            matched = _ahead(batches, lambda b: match.matched(b[1]), lanes)
+        else:
+            read = _ahead(batches, lambda b: match.read(b[1]), io_threads,
+                          None if on_gpu else cpu.background_priority, 0 if on_gpu else CPU_READ_AHEAD)
+            matched = ((b, match.matched(b[1], t)) for b, t in read)
+        for n, ((i, batch), (inputs, result)) in enumerate(matched):
+            flow, cert, rv, err = match.record(batch, inputs, result)
+            for k, t in enumerate(batch):
+                stitcher.add(t, flow[k], cert[k], rv[k], None if err is None else err[k])
+            done += len(batch)
+            if progress:
+                progress(done, total)
+            if n + 1 == len(batches) or batches[n + 1][0] != i:  # the last batch of tile row i
+                yield from stitcher.flush(rows[i + 1][0].row if i + 1 < len(rows) else area.height)
     yield from stitcher.finish()
 
 
@@ -420,7 +442,7 @@ def _register_pair(opts: RegisterOptions, pair: AlignedPair, matcher: Matcher,
                 raw.add(strip, area.row, area.col, evidence.trusted_rows(strip.row0, strip.flow.shape[1]))
         cpu.release_heap()  # what the matcher kept for its next tile (cpu.tune_allocator)
         # both images on the overview grid, read in a thread while the field is repaired
-        images = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="soma-io")).submit(
+        images = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix=HELPER_THREADS)).submit(
             register_qa.overview_images, pair, sar_scale, qa.overview_grid(area.height, area.width)[1])
         scene = _SceneField(raw, area, opts.repair, trust_certainty(matcher))
         # measure the field before writing it, so that a failed registration is never written

@@ -19,11 +19,10 @@ import numpy as np
 from .errors import ConfigError
 
 #: The tile sizes ``soma register`` chooses from (:func:`choose_size`).  A pixel costs about the same
-#: in either on 2 CPU cores (the network alone is about 1 % cheaper per pixel at 768 px: 1.01 s
-#: against 0.46 s a 512 px tile; a 4096 px scene took 80 s with 768 px tiles and 89 s with 512 px,
-#: 9 % more pixels), so the layout with fewer pixels is the faster one.  1024 px tiles would hold more pixels than 768 px ones on a whole
-#: Sentinel-2 tile (177 against 170 MPx) and need 1.8 times the memory per tile.
-TILE_SIZES = (512, 768)
+#: in either, so the layout with fewer pixels is the faster one.  The larger size is bounded by
+#: memory: on the CPU two tiles are matched at once (:func:`soma_cli.matchers.sharing_cores`), and
+#: a whole Sentinel-2 tile peaked at 1.77-1.88 GB with 672 px tiles, 2.56 GB with 768 px ones.
+TILE_SIZES = (512, 672)
 DEFAULT_OVERLAP = 128
 
 
@@ -88,9 +87,9 @@ def processed_pixels(height: int, width: int, size: int, overlap: int) -> int:
 def choose_size(height: int, width: int, overlap: int) -> int:
     """The size of :data:`TILE_SIZES` (those that allow ``overlap``, :func:`validate`) whose layout of
     a ``height x width`` area holds the fewest :func:`processed_pixels`, the fastest; on a tie the
-    smaller, which needs less memory.  A 10980 px scene takes 768 px tiles (289 tiles, 170 MPx,
-    against 841 tiles and 220 MPx of 512 px tiles), a 4096 px scene too (28.9 against 31.7 MPx); a
-    1024 px scene takes 512 px tiles (the same pixels either way)."""
+    smaller, which needs less memory.  A 10980 px scene takes 672 px tiles (400 tiles, 181 MPx,
+    against 841 tiles and 220 MPx of 512 px tiles), a 4096 px scene too (28.9 against 31.7 MPx), a
+    1024 px scene too (4 tiles, 1.8 against 2.4 MPx); an 800 px scene takes 512 px tiles."""
     return min(_sizes_allowing(TILE_SIZES, overlap), key=lambda s: processed_pixels(height, width, s, overlap))
 
 

@@ -183,6 +183,30 @@ def test_get_matcher_options_threads_and_unknown_keys():
         torch.set_num_threads(before)
 
 
+def test_the_network_matches_two_tiles_at_once_on_half_the_threads_each():
+    """On the CPU with two threads or more, ``soma`` takes two tiles at once, each call on half the
+    threads, while the pipeline shares the cores (``sharing_cores``); with one thread, one tile on it."""
+    import torch
+
+    from soma_cli.matchers import sharing_cores
+
+    before = torch.get_num_threads()
+    try:
+        for threads, lanes, each in ((4, 2, 2), (3, 2, 1), (1, 1, 1)):
+            m = get_matcher("soma", device="cpu", threads=threads)
+            with sharing_cores(m) as n:
+                assert n == m.lanes == lanes
+                m.match(np.zeros((1, 128, 128), np.float32), np.zeros((1, 128, 128), np.float32))
+                assert torch.get_num_threads() == each
+            assert m.lanes == 1
+            m.match(np.zeros((1, 128, 128), np.float32), np.zeros((1, 128, 128), np.float32))
+            assert torch.get_num_threads() == threads
+        with sharing_cores(get_matcher("gradient", threads=4)) as n:
+            assert n == 1  # a matcher without concurrency() is called one tile at a time
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_share_follows_other_processes(monkeypatch):
     """Without --threads the thread count is the cores other processes leave free (at least 1, at
     most the usable cores); a pinned count is used as is."""

@@ -103,10 +103,10 @@ def test_the_default_tile_size_processes_the_fewest_pixels(h, w):
 
 
 def test_the_default_tile_size_for_known_scenes_and_overlaps():
-    assert tiling.choose_size(10980, 10980, 128) == 768  # a Sentinel-2 tile: 289 tiles instead of 841
-    assert tiling.choose_size(4096, 4096, 128) == 768  # 49 tiles of 768 px: 9 % fewer pixels than 121 of 512
-    assert tiling.choose_size(1024, 1024, 128) == 512  # 9 tiles of 512 px hold what 4 of 768 px do
+    assert tiling.choose_size(10980, 10980, 128) == 672  # a Sentinel-2 tile: 400 tiles instead of 841
+    assert tiling.choose_size(4096, 4096, 128) == 672  # 64 tiles of 672 px: 9 % fewer pixels than 121 of 512
+    assert tiling.choose_size(1024, 1024, 128) == 672  # 4 tiles of 672 px instead of 9 of 512
     assert tiling.choose_size(800, 800, 128) == 512
-    assert tiling.choose_size(4000, 4000, 300) == 768  # only 768 px tiles allow this overlap
+    assert tiling.choose_size(4000, 4000, 300) == 672  # only 672 px tiles allow this overlap
     with pytest.raises(ConfigError):
         tiling.choose_size(4000, 4000, 400)

@@ -35,13 +35,16 @@ from rasterio.windows import transform as window_transform
 
 from ..errors import BandError, GeoreferenceError, InputError, SomaWarning
 from . import open_quietly, resampling as rasterio_resampling
+from ..interrupt import HELPER_THREADS
 from ..preprocess import resolve_bands
 from ..tiling import Tile
 
 
-def gdal_env(cache_mb: int = 256) -> rasterio.Env:
+def gdal_env(cache_mb: int = 128) -> rasterio.Env:
     """GDAL settings for a run: a bounded block cache (GDAL's default is 5 % of RAM), so peak
-    memory follows the tile strip rather than the machine."""
+    memory follows the tile strip rather than the machine; 128 MB hold a row of 672 px tiles of a
+    10980 px wide scene (three 16-bit optical bands and a float32 SAR band: 74 MB), so that each
+    block is decoded once."""
     return rasterio.Env(GDAL_CACHEMAX=int(cache_mb) * 1024 * 1024)
 
 
@@ -204,7 +207,10 @@ class AlignedPair:
         return self.ref.width
 
     def close(self) -> None:
-        self._stack.close()
+        # after the read under way, if a reading thread outlives the run (soma_cli.interrupt); a read
+        # after this one fails as unreadable input
+        with self._locks[True], self._locks[False]:
+            self._stack.close()
 
     def __enter__(self) -> "AlignedPair":
         return self
@@ -390,7 +396,7 @@ def overlap_window(ref: rasterio.DatasetReader, mov: rasterio.DatasetReader) -> 
 def _both(first: Callable[[], Any], second: Callable[[], Any]) -> Tuple[Any, Any]:
     """``(first(), second())``, computed in two threads (reads of two rasters: GDAL decodes them in
     parallel); the first's error is raised first."""
-    with ThreadPoolExecutor(2, thread_name_prefix="soma-io") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix=HELPER_THREADS) as pool:
         a, b = pool.submit(first), pool.submit(second)
         return a.result(), b.result()
 

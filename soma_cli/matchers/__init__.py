@@ -147,3 +147,18 @@ def get_matcher(name: str, **options) -> Matcher:
 
         return GefolkiMatcher()
     raise ConfigError(f"unknown method {name!r}; expected one of {', '.join(MATCHERS)}")
+
+
+@contextmanager
+def sharing_cores(matcher) -> Iterator[int]:
+    """Within the block ``matcher`` is called from ``n`` threads at once, ``n`` what it yields: its
+    ``concurrency()`` (1 for a matcher without one), and it shares its CPU threads between them."""
+    n = int(matcher.concurrency()) if hasattr(matcher, "concurrency") else 1
+    if n <= 1:
+        yield 1
+        return
+    matcher.lanes = n
+    try:
+        yield n
+    finally:
+        matcher.lanes = 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -35,12 +36,28 @@ class SomaMatcher:
         self.batch_size = batch_size
         self.multiple = int(self.metadata["tile_multiple"])
         self.cpu = cpu.CpuShare(threads)
+        #: tiles matched at once (:func:`soma_cli.matchers.sharing_cores`), sharing the threads
+        self.lanes = 1
+        self._lock = threading.Lock()
         if self.cpu.pinned:
             infer.set_threads(self.cpu.pinned)
 
+    def concurrency(self) -> int:
+        """How many tiles to match at once (:func:`soma_cli.matchers.sharing_cores`): two on the
+        CPU where the matcher may use two threads or more (see :mod:`soma_cli.cpu`), else one (a
+        GPU takes batches instead)."""
+        if self.device.type != "cpu":
+            return 1
+        return min(2, self.cpu.pinned or self.cpu.cores)
+
     def _threads(self) -> None:
-        if self.device.type == "cpu" and not self.cpu.pinned:
-            infer.set_threads(self.cpu.threads())
+        """Torch's threads for the next call: this matcher's share of the CPU, divided between the
+        tiles matched at once (the count is process-wide: the latest call's holds for all)."""
+        if self.device.type != "cpu":
+            return
+        with self._lock:
+            n = self.cpu.threads()
+        infer.set_threads(max(1, n // self.lanes))
 
     def match(self, opt, sar, opt_valid=None, sar_valid=None):
         self._threads()
