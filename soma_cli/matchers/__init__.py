@@ -24,7 +24,10 @@ probability of being within 1 px):
   prior (:meth:`soma_cli.stitch.FlowPrior.repair`);
 * ``evidence_certainty`` (default :data:`EVIDENCE_CERTAINTY`): the certainty from which a pixel
   counts as evidence for the verdict and the fallback (:mod:`soma_cli.verdict`);
-* ``min_size`` (default 1): the smallest overlap side, in pixels, it can register.
+* ``min_size`` (default 1): the smallest overlap side, in pixels, it can register;
+* ``concurrency()`` (default 1) and a ``lanes`` attribute: how many tiles it is best called with
+  at once from as many threads, which ``soma register`` then does (:func:`sharing_cores` sets
+  ``lanes`` meanwhile, and the matcher shares its CPU threads between the calls).
 
 A matcher whose global stage searches rotations (``soma``, and ``auto`` through its network) also
 offers ``seed_rotations(opt, sar, opt_valid, sar_valid) -> (B,)`` (degrees, the rotation it picks
