@@ -321,10 +321,12 @@ def _stitched_strips(tiles: List[tiling.Tile], match: _TileMatcher, area: tiling
                      on_gpu: bool) -> Iterator[Strip]:
     """Match the tiles row by row in batches and yield the finished strips of the window, in
     order.  On a GPU the next batches are read meanwhile in ``io_threads`` threads.  A CPU
-    matcher takes one tile at a time, and as many tiles as it can match at once
+    matcher takes one tile at a time: as many tiles as it can match at once
     (:func:`~soma_cli.matchers.sharing_cores`: two tiles of one thread each on two cores, with
-    no OpenMP team waiting at every operation) are read and matched together in as many threads,
-    while this thread stitches the previous one."""
+    no OpenMP team waiting at every operation) are read and matched together in as many threads
+    while this thread records and stitches the previous ones in layout order; a matcher that
+    takes one tile at a time has the next tiles read meanwhile in ``io_threads`` threads at the
+    lowest priority (:func:`soma_cli.cpu.background_priority`), :data:`CPU_READ_AHEAD` tiles ahead."""
     stitcher = StripStitcher(area.height, area.width, overlap, errors=match.check, strip_rows=strip_rows(area.width))
     batch_size = batch_size if on_gpu else 1
     rows = list(tiling.rows_of(tiles))
