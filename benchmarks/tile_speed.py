@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, action="append", required=True)
     ap.add_argument("--split", default="T11SMT")
     ap.add_argument("--pair", type=int, default=3)
-    ap.add_argument("--size", type=int, default=512, help="tile size in pixels (768: soma register's larger tiles)")
+    ap.add_argument("--size", type=int, default=512, help="tile size in pixels (672: soma register's larger tiles)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--no-allocator-tuning", action="store_true")
