@@ -21,7 +21,7 @@ from .errors import ConfigError
 #: The tile sizes ``soma register`` chooses from (:func:`choose_size`).  A pixel costs about the same
 #: in either, so the layout with fewer pixels is the faster one.  The larger size is bounded by
 #: memory: on the CPU two tiles are matched at once (:func:`soma_cli.matchers.sharing_cores`), and
-#: a whole Sentinel-2 tile peaked at 1.77-1.88 GB with 672 px tiles, 2.56 GB with 768 px ones.
+#: a whole Sentinel-2 tile peaked at 1.77-1.94 GB with 672 px tiles, 2.56 GB with 768 px ones.
 TILE_SIZES = (512, 672)
 DEFAULT_OVERLAP = 128
 
